@@ -1,0 +1,94 @@
+"""Counts of what the data pipeline skipped, shared between dataloader workers and the trainer.
+
+Workers are separate processes; they add to counters in shared memory, and the
+:class:`DataStatsMonitor` callback logs the totals as metrics (``data/train_skipped`` ...), so a run
+that silently loses samples shows it in TensorBoard and the CSV log.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+
+import lightning.pytorch as pl
+
+log = logging.getLogger("mmpretrain.data")
+
+SAMPLE_REASONS = (
+    "bad_image",
+    "missing_image",
+    "missing_caption",
+    "bad_caption",
+    "missing_label",
+    "bad_label",
+    "missing_text",
+    "bad_text",
+    "bad_sample",
+)
+SHARD_REASONS = ("corrupt_shard", "empty_shard")
+REASONS = SAMPLE_REASONS + SHARD_REASONS
+
+
+class DataStats:
+    """Per-reason counters in shared memory (safe to pickle into dataloader workers)."""
+
+    def __init__(self) -> None:
+        self._counts = mp.Array("q", len(REASONS), lock=True)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        i = REASONS.index(reason) if reason in REASONS else REASONS.index("bad_sample")
+        with self._counts.get_lock():
+            self._counts[i] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._counts.get_lock():
+            return {r: int(c) for r, c in zip(REASONS, self._counts[:]) if c}
+
+    @property
+    def skipped_samples(self) -> int:
+        snap = self.snapshot()
+        return sum(snap.get(r, 0) for r in SAMPLE_REASONS)
+
+    @property
+    def bad_shards(self) -> int:
+        snap = self.snapshot()
+        return sum(snap.get(r, 0) for r in SHARD_REASONS)
+
+    def reset(self) -> None:
+        with self._counts.get_lock():
+            for i in range(len(REASONS)):
+                self._counts[i] = 0
+
+
+class DataStatsMonitor(pl.Callback):
+    """Logs the data module's skip counters (``data/<split>_skipped``, ``data/<split>_bad_shards``).
+
+    Works with any data module that has a ``stats`` mapping of split name to :class:`DataStats`.
+    """
+
+    def __init__(self, logging_interval: int = 50) -> None:
+        self.logging_interval = logging_interval
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+        stats = getattr(trainer.datamodule, "stats", None) if trainer.datamodule is not None else None
+        if not stats or split not in stats:
+            return
+        s = stats[split]
+        # logged directly to the loggers: the values are running totals, not per-step means
+        metrics = {f"data/{split}_skipped": float(s.skipped_samples), f"data/{split}_bad_shards": float(s.bad_shards)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.logging_interval == 0:
+            self._log(trainer, pl_module, "train")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._log(trainer, pl_module, "train")
+        stats = getattr(trainer.datamodule, "stats", None) if trainer.datamodule is not None else None
+        if stats and "train" in stats and stats["train"].snapshot():
+            log.warning("data: skipped so far in training: %s", stats["train"].snapshot())
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")

@@ -1,0 +1,94 @@
+"""What every task shares: late model construction, injected optimizers and schedules, FLOP counting."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmpretrain.optim import WarmupCosine, param_groups
+
+log = logging.getLogger("mmpretrain")
+
+
+def adamw(params) -> torch.optim.Optimizer:
+    """The default optimizer: AdamW with lr 1e-3 and weight decay 0.05 (on the decayed group only)."""
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+
+
+class Task(pl.LightningModule):
+    """Base LightningModule of mmpretrain tasks.
+
+    Subclasses implement :meth:`build_model` (a plain ``nn.Module``, built in ``configure_model`` so
+    that sharded strategies create parameters sharded) and :meth:`compute_loss`. Optimizer and
+    schedule arrive as callables from the config (``optimizer: {class_path: torch.optim.AdamW,
+    init_args: {lr: ...}}``) and are applied to the task's parameter groups.
+
+    Args:
+        optimizer: builds the optimizer from parameter groups.
+        lr_scheduler: builds a per-step schedule from the optimizer (e.g. ``mmpretrain.optim.WarmupCosine``;
+            its ``total_steps`` defaults to the trainer's estimate).
+    """
+
+    def __init__(self, optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.model: nn.Module | None = None
+        #: model FLOPs of one training step (forward and backward) on this rank; read by ThroughputMonitor
+        self.flops_per_batch: int | None = None
+        self._flops_counted = False
+
+    # -- to implement -------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def compute_loss(self, model: nn.Module, batch: Any) -> dict[str, Any]:
+        """Run ``model`` on ``batch``; return a dict with at least ``loss``."""
+        raise NotImplementedError
+
+    # -- model ----------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.build_model()
+
+    def parameter_groups(self) -> list[dict]:
+        return param_groups(self.model)
+
+    def configure_optimizers(self) -> Any:
+        self.configure_model()
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None and self._trainer is not None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- throughput -------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._flops_counted:
+            self._flops_counted = True
+            self.flops_per_batch = self.count_flops(batch)
+
+    def count_flops(self, batch: Any) -> int | None:
+        """FLOPs of one forward and backward step on ``batch``, counted on a copy of the model built on the meta device."""
+        try:
+            with torch.device("meta"):
+                model = self.build_model()
+            meta_batch = apply_to_collection(batch, torch.Tensor, lambda t: t.to("meta"))
+            with FlopCounterMode(display=False) as counter:
+                self.compute_loss(model, meta_batch)["loss"].backward()
+            flops = int(counter.get_total_flops())
+        except Exception as err:  # a model that cannot run on meta: report throughput without MFU
+            rank_zero_info(f"mmpretrain: FLOPs not counted ({type(err).__name__}: {err}); MFU will not be reported")
+            return None
+        rank_zero_info(f"mmpretrain: {flops / 1e9:.2f} GFLOPs per training step per device")
+        return flops
