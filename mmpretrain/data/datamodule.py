@@ -125,7 +125,7 @@ class ShardDataModule(pl.LightningDataModule):
                 self.sources(split)
 
     def _placement(self) -> tuple[int, int]:
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -187,7 +187,7 @@ class ShardDataModule(pl.LightningDataModule):
                 "repeat and %d wait for a later epoch so that every rank yields the same number of batches",
                 stream.total_samples, len(urls), stream.batches_per_rank, self.batch_size, repeated, dropped,
             )
-        trainer = self._trainer
+        trainer = self.trainer
         if train and trainer is not None:
             stream.set_epoch(trainer.current_epoch)
         self._streams[split] = stream

@@ -35,8 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmpretrain.data.decode import SkipSample
 from mmpretrain.data.shards import ShardReadError, iter_shard_samples
@@ -203,11 +202,18 @@ class ShardStream(IterableDataset):
             raise TypeError(f"{self.name}: length unknown (shard sample counts unknown)")
         return self.batches_per_rank
 
-    def tail(self) -> tuple[int, int]:
-        """(repeated, dropped) samples per epoch over all ranks in epoch mode; (0, 0) otherwise."""
+    def shard_order(self, epoch: int) -> list[int]:
+        """Epoch mode: the shard order of ``epoch``, the same on every rank (then split by rank and worker)."""
+        order = list(range(len(self.urls)))
+        make_rng(self.seed, epoch, "order").shuffle(order)
+        return order
+
+    def tail(self, epoch: int = 0) -> tuple[int, int]:
+        """(repeated, dropped) samples in ``epoch`` over all ranks in epoch mode; (0, 0) otherwise."""
         if self.mode != "epoch" or self.total_samples is None or self.batches_per_rank is None:
             return 0, 0
-        return epoch_tail(self.counts, self.world_size, self.num_workers, self.batch_size, self.batches_per_rank)  # type: ignore[arg-type]
+        counts = [self.counts[s] for s in self.shard_order(epoch)]
+        return epoch_tail(counts, self.world_size, self.num_workers, self.batch_size, self.batches_per_rank)  # type: ignore[arg-type]
 
     # -- iteration ------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
@@ -228,31 +234,29 @@ class ShardStream(IterableDataset):
         if self.mode == "eval":
             part = partition(len(self.urls), self.rank, self.world_size, worker, num_workers)
             items = self.process(self._read(part.shards, part, rng=None), rng)
-            yield from self._batches(items, rng, limit=None, keep_last=True)
+            yield from self._batches(items, limit=None, keep_last=True)
             return
         quota = worker_quota(self.batches_per_rank, worker, num_workers)  # type: ignore[arg-type]
         if quota == 0:
             return
         if self.mode == "epoch":
-            order = list(range(len(self.urls)))
-            make_rng(self.seed, epoch, "order").shuffle(order)  # same on every rank
+            order = self.shard_order(epoch)
             part = partition(len(self.urls), self.rank, self.world_size, worker, num_workers)
             shards = [order[i] for i in part.shards]
             raw = self._cycle(shards, part, rng)
         else:
-            raw = self._resample(rng)
-        yield from self._batches(self.process(raw, rng), rng, limit=quota, keep_last=False)
+            raw = shuffled(self._resample(rng), self.shuffle_buffer, rng)
+        yield from self._batches(self.process(raw, rng), limit=quota, keep_last=False)
 
     def _cycle(self, shards: list[int], part: Part, rng: random.Random) -> Iterator[dict]:
-        passes = 0
         while True:
             order = list(shards)
             rng.shuffle(order)
             got = 0
-            for sample in self._read(order, part, rng):
+            # shuffled within the pass: a repeat starts only after every sample of the pass was yielded
+            for sample in shuffled(self._read(order, part, rng), self.shuffle_buffer, rng):
                 got += 1
                 yield sample
-            passes += 1
             if got == 0:
                 raise RuntimeError(
                     f"{self.name}: shards {[self.urls[s] for s in shards]} yielded no sample in a whole pass "
@@ -298,9 +302,7 @@ class ShardStream(IterableDataset):
         log.warning("%s: shard %s is corrupt or truncated (%s: %s); its remaining samples are skipped",
                     self.name, url, type(err).__name__, err)
 
-    def _batches(self, items: Iterator[Any], rng: random.Random, limit: int | None, keep_last: bool) -> Iterator[Any]:
-        if self.shuffle_buffer > 1:
-            items = shuffled(items, self.shuffle_buffer, rng)
+    def _batches(self, items: Iterator[Any], limit: int | None, keep_last: bool) -> Iterator[Any]:
         count, batch = 0, []
         if limit == 0:
             return
@@ -318,6 +320,9 @@ class ShardStream(IterableDataset):
 
 def shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Shuffle a stream through a buffer of ``size`` items (starts yielding once the buffer is full)."""
+    if size <= 1:
+        yield from items
+        return
     buffer: list[Any] = []
     for item in items:
         if len(buffer) < size:
@@ -372,8 +377,11 @@ class SampleMapper:
         return map_samples(samples, lambda s: self.decode(s, rng), self.stats, self.strict, self.name)
 
 
-class ShardLoader(wds.WebLoader):
+class ShardLoader(DataLoader):
     """A DataLoader over a :class:`ShardStream` (batching happens in the workers).
+
+    A plain DataLoader subclass rather than webdataset's ``WebLoader``: in webdataset 1.x that is a
+    pipeline object wrapping a DataLoader, which hides ``len`` and the loader from Lightning.
 
     Each new iterator (one per epoch) advances the stream's shared epoch counter before the workers
     start (or, with persistent workers, resume), so shuffling differs per epoch either way.
