@@ -14,7 +14,7 @@ throughput (samples/s, and MFU where the task counts its FLOPs) monitors; a chec
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 from typing import Any
 
 import torch
@@ -74,15 +74,29 @@ class MMPretrainCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
+    def before_instantiate_classes(self) -> None:
+        # the default loggers write under trainer.default_root_dir, wherever the user moved it
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir
+        loggers = config.trainer.logger
+        if root and isinstance(loggers, list):
+            for logger in loggers:
+                init = getattr(logger, "init_args", None)
+                if init is not None and getattr(init, "save_dir", None) == DEFAULT_ROOT:
+                    init.save_dir = root
+
     def instantiate_trainer(self, **kwargs: Any):
         extra = [ThroughputMonitor(batch_size_fn=batch_size_of, length_fn=items_of), DataStatsMonitor()]
         kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + extra
         return super().instantiate_trainer(**kwargs)
 
 
+DEFAULT_ROOT = "runs"
+
+
 def default_trainer_settings() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
-    root = os.environ.get("MMPRETRAIN_RUNS", "runs")
+    root = DEFAULT_ROOT
     return {
         "precision": "bf16-mixed" if cuda else "32-true",
         "default_root_dir": root,
@@ -99,7 +113,10 @@ def main(args: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    MMPretrainCLI(args=args if args is not None else sys.argv[1:])
+    # our streams split work across workers themselves, so the advertised length is exact
+    warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    MMPretrainCLI(args=args)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,10 @@ class ShardDataModule(pl.LightningDataModule):
         """A function ``(raw_samples, rng) -> items`` for the split (decode, augment, tokenize ...)."""
         raise NotImplementedError
 
+    def item_counts(self, split: Split, counts: list[int | None]) -> list[int | None]:
+        """Items each shard yields, from its sample counts (the same, unless samples are packed or split)."""
+        return counts
+
     def collate_fn(self) -> Any:
         """A picklable function turning a list of items into a batch (runs in the workers)."""
         return default_collate
@@ -151,7 +155,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"no {split} shards: set {self._fields[split]}")
         sources = self.sources(split)
         urls = [u for s in sources for u in s.urls]
-        counts = [c for s in sources for c in s.counts]
+        counts = self.item_counts(split, [c for s in sources for c in s.counts])
         source_ids = [i for i, s in enumerate(sources) for _ in s.urls]
         rank, world_size = self._placement()
         self.stats.setdefault(split, DataStats())

@@ -1,0 +1,150 @@
+"""Image-text pairs (``jpg`` + ``txt``, or a caption field of the ``json`` member) for contrastive pretraining."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, create_transform
+
+from mmpretrain.data.datamodule import ShardDataModule, Split
+from mmpretrain.data.decode import SkipSample, decode_image, image_member, read_label, read_text
+from mmpretrain.data.tokenizer import Tokenizer
+
+DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
+
+
+class ImageTextDataModule(ShardDataModule):
+    """Images with captions, tokenized in the workers.
+
+    Batches are ``{"image": float (B, 3, H, W), "input_ids": long (B, context_length), "key": list[str]}``,
+    plus ``"label"`` (long, -1 where absent) when ``label_key`` is set, for zero-shot evaluation.
+
+    Args:
+        tokenizer: a local tokenizer directory (``tokenizer.json``, or any transformers tokenizer
+            directory), or ``"demo"`` for the demo set's tokenizer. Never downloaded.
+        context_length: tokens per caption (padded, truncated keeping the end-of-text token).
+        image_size: side of the square training crop and evaluation image.
+        image_key: the image member's extension, or ``"auto"``.
+        caption_key: ``"txt"`` or a JSON field (``"json:caption"``); a list of captions is sampled from.
+        label_key: where evaluation samples keep a class label (``"cls"``, ``"json:label"``) for zero-shot
+            classification, or None.
+        class_names: zero-shot class names; default: ``classes`` from the shards' index.json.
+        templates: zero-shot prompt templates with ``{}``; default: index.json's ``templates`` or generic ones.
+        train_transform, eval_transform: keyword arguments for ``timm.data.create_transform``.
+        mean, std: normalisation (default OpenAI CLIP's).
+        **kwargs: shard, batching and worker options of :class:`ShardDataModule`.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokenizer: str = "demo",
+        context_length: int = 77,
+        image_size: int = 224,
+        image_key: str = "auto",
+        caption_key: str = "txt",
+        label_key: str | None = None,
+        class_names: list[str] | None = None,
+        templates: list[str] | None = None,
+        train_transform: dict[str, Any] | None = None,
+        eval_transform: dict[str, Any] | None = None,
+        mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+        std: tuple[float, float, float] = OPENAI_CLIP_STD,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if context_length < 2:
+            raise ValueError(f"data.context_length must be at least 2, got {context_length}")
+        self.tokenizer_path = tokenizer
+        self.tokenizer = Tokenizer.from_dir(tokenizer)
+        self.context_length = context_length
+        self.image_size = image_size
+        self.image_key = image_key
+        self.caption_key = caption_key
+        self.label_key = label_key
+        self._class_names = class_names
+        self._templates = templates
+        self.train_transform_args = dict(train_transform or {})
+        self.eval_transform_args = dict(eval_transform or {})
+        self.mean, self.std = tuple(mean), tuple(std)
+        for t in templates or []:
+            if "{}" not in t:
+                raise ValueError(f"data.templates: {t!r} has no '{{}}' for the class name")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def class_names(self) -> list[str] | None:
+        if self._class_names is None:
+            self._class_names = self.metadata.get("classes")
+        return self._class_names
+
+    @property
+    def templates(self) -> list[str]:
+        if self._templates is None:
+            self._templates = list(self.metadata.get("templates") or DEFAULT_TEMPLATES)
+        return self._templates
+
+    def zero_shot_prompts(self) -> torch.Tensor | None:
+        """Token ids (classes, templates, context_length) of every class name in every template."""
+        if not self.class_names:
+            return None
+        texts = [t.format(name) for name in self.class_names for t in self.templates]
+        ids = self.tokenizer.encode_batch(texts, self.context_length)
+        return ids.view(len(self.class_names), len(self.templates), self.context_length)
+
+    def process(self, split: Split):
+        args = self.train_transform_args if split == "train" else self.eval_transform_args
+        transform = create_transform(self.image_size, is_training=split == "train", mean=self.mean, std=self.std, **args)
+        label_key = self.label_key if split != "train" else None
+        classes = {n: i for i, n in enumerate(self.class_names or [])}
+        decode = ImageTextDecoder(transform, self.tokenizer, self.context_length, self.image_key, self.caption_key,
+                                  label_key, classes)
+        return self.mapper(split, decode)
+
+    def collate_fn(self):
+        return collate_image_text
+
+
+class ImageTextDecoder:
+    """Raw sample -> dict(image, input_ids, key[, label]); picklable, runs in the workers."""
+
+    def __init__(self, transform, tokenizer: Tokenizer, context_length: int, image_key: str, caption_key: str,
+                 label_key: str | None, class_to_index: dict[str, int]) -> None:
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.image_key = image_key
+        self.caption_key = caption_key
+        self.label_key = label_key
+        self.class_to_index = class_to_index
+
+    def __call__(self, sample: dict, rng: random.Random) -> dict[str, Any]:
+        caption = read_text(sample, self.caption_key, rng, what="caption")
+        image = self.transform(decode_image(image_member(sample, self.image_key)))
+        item = {
+            "image": image,
+            "input_ids": self.tokenizer.encode_batch([caption], self.context_length)[0],
+            "key": f"{sample['__url__']}:{sample['__key__']}",
+        }
+        if self.label_key is not None:
+            try:
+                item["label"] = read_label(sample, self.label_key, self.class_to_index)
+            except SkipSample:
+                item["label"] = -1
+        return item
+
+
+def collate_image_text(items: list[dict]) -> dict[str, Any]:
+    batch = {
+        "image": torch.stack([it["image"] for it in items]),
+        "input_ids": torch.stack([it["input_ids"] for it in items]),
+        "key": [it["key"] for it in items],
+    }
+    if "label" in items[0]:
+        batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    return batch
