@@ -43,6 +43,7 @@ class WarmupCosine(LambdaLR):
     Args:
         optimizer: the optimizer.
         warmup_steps: optimizer steps of linear warmup.
+        warmup_epochs: warmup in epochs instead (converted with the trainer's steps per epoch).
         total_steps: optimizer steps of the whole run; ``None`` lets the task fill in the trainer's
             estimate (``trainer.estimated_stepping_batches``) before training starts.
         min_lr_ratio: final learning rate as a fraction of the base rate.
@@ -52,17 +53,32 @@ class WarmupCosine(LambdaLR):
         self,
         optimizer: torch.optim.Optimizer,
         warmup_steps: int = 0,
+        warmup_epochs: float | None = None,
         total_steps: int | None = None,
         min_lr_ratio: float = 0.0,
     ) -> None:
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if warmup_steps < 0 or (warmup_epochs is not None and warmup_epochs < 0):
+            raise ValueError("warmup_steps and warmup_epochs must be >= 0")
+        if warmup_steps and warmup_epochs:
+            raise ValueError("give warmup_steps or warmup_epochs, not both")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.warmup_steps = warmup_steps
+        self.warmup_epochs = warmup_epochs
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
         super().__init__(optimizer, self.factor)
+
+    def resolve(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Fill in what the config left to the trainer: the run's length, warmup given in epochs."""
+        if self.total_steps is None:
+            self.total_steps = int(total_steps)
+        if self.warmup_epochs:
+            self.warmup_steps = int(round(self.warmup_epochs * steps_per_epoch))
+            self.warmup_epochs = None
+        # the factor of step 0 was applied at construction, before the warmup was known
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * self.factor(self.last_epoch)
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:

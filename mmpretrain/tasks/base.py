@@ -65,11 +65,21 @@ class Task(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         self.configure_model()
         optimizer = self.optimizer_factory(self.parameter_groups())
+        # groups may carry "lr_scale" (layer-wise decay) and a "weight_decay" marker; the optimizer's
+        # configured lr and weight decay are the base they scale
+        for group in optimizer.param_groups:
+            if "lr_scale" in group:
+                group["lr"] = optimizer.defaults["lr"] * group["lr_scale"]
+            if group.get("weight_decay") not in (0, 0.0) and "weight_decay" in optimizer.defaults:
+                group["weight_decay"] = optimizer.defaults["weight_decay"]
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None and self._trainer is not None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        if isinstance(scheduler, WarmupCosine) and self._trainer is not None:
+            total = int(self.trainer.estimated_stepping_batches)
+            accumulate = max(1, self.trainer.accumulate_grad_batches)
+            per_epoch = max(1, int(self.trainer.num_training_batches) // accumulate) if self.trainer.num_training_batches != float("inf") else total
+            scheduler.resolve(total, per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- throughput -------------------------------------------------------------------------------------------

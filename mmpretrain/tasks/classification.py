@@ -1,4 +1,4 @@
-"""Image classification with any timm model."""
+"""Image classification with any timm model: DeiT-style training (Mixup/CutMix, EMA, layer-wise lr decay)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from timm.data import Mixup
+from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from mmpretrain.optim import param_groups
 from mmpretrain.tasks.base import Task, adamw
 
 
@@ -24,8 +28,17 @@ class ImageClassification(Task):
             ``depth``, ``embed_dim``, ``drop_path_rate`` ...).
         num_classes: number of classes (linked from the data module by the CLI).
         class_names: class names in label order (linked from the data module).
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: label smoothing (of the hard targets, or of the mixed targets with Mixup/CutMix).
+        mixup: Mixup alpha (0 disables).
+        cutmix: CutMix alpha (0 disables). With either on, the loss is a soft-target cross-entropy.
+        mixup_prob: probability of mixing a batch at all.
+        mixup_switch_prob: probability of CutMix instead of Mixup when both are on.
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.99996);
+            it is validated alongside the raw model (``val/ema_acc1``).
+        layer_decay: layer-wise learning-rate decay for fine-tuning (e.g. 0.65): block ``i`` of ``L`` gets
+            ``lr * layer_decay ** (L - i)``; None for a flat learning rate.
         grad_checkpointing: recompute each block's activations in the backward pass.
+        compile: ``torch.compile`` the model (in place; checkpoint keys are unchanged).
         optimizer, lr_scheduler: see :class:`~mmpretrain.tasks.base.Task`.
     """
 
@@ -36,7 +49,14 @@ class ImageClassification(Task):
         num_classes: int = 1000,
         class_names: list[str] | None = None,
         label_smoothing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        ema_decay: float | None = None,
+        layer_decay: float | None = None,
         grad_checkpointing: bool = False,
+        compile: bool = False,
         optimizer: OptimizerCallable = adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -47,18 +67,35 @@ class ImageClassification(Task):
             raise ValueError(f"model.class_names has {len(class_names)} names for {num_classes} classes")
         if backbone not in timm.list_models():
             raise ValueError(f"model.backbone: {backbone!r} is not a timm model name (see timm.list_models())")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"model.ema_decay must be in (0, 1), got {ema_decay}")
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.backbone = backbone
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.num_classes = num_classes
         self.class_names = class_names
         self.label_smoothing = label_smoothing
+        self.ema_decay = ema_decay
+        self.layer_decay = layer_decay
         self.grad_checkpointing = grad_checkpointing
+        self.compile_model = compile
+        self.mixup_fn = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
+                                  switch_prob=mixup_switch_prob, label_smoothing=label_smoothing,
+                                  num_classes=num_classes)
+        self.ema: ModelEmaV3 | None = None
         top_k = min(5, num_classes)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        if ema_decay is not None:
+            self.ema_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+            self.ema_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
 
+    # -- model ------------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         kwargs = {k: v for k, v in self.backbone_kwargs.items() if k not in ("pretrained", "num_classes")}
         try:
@@ -69,20 +106,53 @@ class ImageClassification(Task):
             model.set_grad_checkpointing(True)
         return model
 
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self.build_model()
+        if self.ema_decay is not None:
+            self.ema = ModelEmaV3(self.model, decay=self.ema_decay)
+            self.ema.requires_grad_(False)
+        if self.compile_model:
+            self.model.compile()
+
+    def parameter_groups(self) -> list[dict]:
+        no_decay = set(getattr(self.model, "no_weight_decay", lambda: set())())
+        if self.layer_decay is None:
+            return param_groups(self.model, no_decay_names=no_decay)
+        # weight_decay=1.0 marks the decayed groups; the optimizer's own weight decay replaces it
+        return param_groups_layer_decay(self.model, weight_decay=1.0, no_weight_decay_list=no_decay,
+                                        layer_decay=self.layer_decay)
+
+    # -- steps ------------------------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         logits = model(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
+        target = batch["label"]
+        if target.is_floating_point():  # soft targets from Mixup/CutMix (smoothing already inside)
+            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
         return {"loss": loss, "logits": logits}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        hard = batch["label"]
+        if self.mixup_fn is not None:
+            if batch["image"].shape[0] % 2:
+                raise ValueError("Mixup/CutMix needs an even batch size: set data.batch_size to an even number")
+            image, soft = self.mixup_fn(batch["image"], hard)
+            batch = {**batch, "image": image, "label": soft}
         out = self.compute_loss(self.model, batch)
-        self.train_acc1(out["logits"].detach(), batch["label"])
+        self.train_acc1(out["logits"].detach(), hard)
         self.log("train/loss", out["loss"], prog_bar=True)
         self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=False)
         return out["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.ema.update(self.model, step=self.global_step)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -92,12 +162,19 @@ class ImageClassification(Task):
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         out = self.compute_loss(self.model, batch)
-        self.val_acc1(out["logits"], batch["label"])
-        self.val_acc5(out["logits"], batch["label"])
-        n = batch["label"].shape[0]
+        labels = batch["label"]
+        self.val_acc1(out["logits"], labels)
+        self.val_acc5(out["logits"], labels)
+        n = labels.shape[0]
         self.log(f"{stage}/loss", out["loss"], batch_size=n, sync_dist=True)
         self.log(f"{stage}/acc1", self.val_acc1, prog_bar=True)
         self.log(f"{stage}/acc5", self.val_acc5)
+        if self.ema is not None:
+            ema_logits = self.ema.module(batch["image"])
+            self.ema_acc1(ema_logits, labels)
+            self.ema_acc5(ema_logits, labels)
+            self.log(f"{stage}/ema_acc1", self.ema_acc1, prog_bar=True)
+            self.log(f"{stage}/ema_acc5", self.ema_acc5)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         probs = self.model(batch["image"]).softmax(-1)
