@@ -3,6 +3,7 @@
     mmpretrain fit --config recipes/classification/demo.yaml
     mmpretrain fit --config recipes/classification/demo.yaml --data.train_shards 'shards/train-{000000..000009}.tar'
     mmpretrain fit --config recipes/classification/demo.yaml --print_config
+    mmpretrain export --checkpoint runs/tb/version_0/checkpoints/last.ckpt --output exported/
 
 Model and data are chosen by ``class_path`` in the YAML. What only the data knows (number of classes,
 class names, vocabulary size) is linked into the model, never repeated by hand. Defaults: bf16-mixed
@@ -14,6 +15,7 @@ throughput (samples/s, and MFU where the task counts its FLOPs) monitors; a chec
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -116,6 +118,11 @@ def main(args: list[str] | None = None) -> None:
     # our streams split work across workers themselves, so the advertised length is exact
     warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "export":
+        from mmpretrain.export import main as export_main
+
+        raise SystemExit(export_main(argv[1:]))
     MMPretrainCLI(args=args)
 
 

@@ -45,6 +45,9 @@ class ImageLabelDataModule(ShardDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # into checkpoints (export needs the image size and normalisation); what is linked into the
+        # model stays out: Lightning refuses hparams that differ between model and data
+        self.save_hyperparameters(ignore=["num_classes", "class_names"])
         if image_size < 1:
             raise ValueError(f"data.image_size must be positive, got {image_size}")
         self.image_size = image_size

@@ -55,6 +55,9 @@ class ImageTextDataModule(ShardDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # into checkpoints (export needs the image size and normalisation); what is linked into the
+        # model stays out: Lightning refuses hparams that differ between model and data
+        self.save_hyperparameters(ignore=["class_names"])
         if context_length < 2:
             raise ValueError(f"data.context_length must be at least 2, got {context_length}")
         self.tokenizer_path = tokenizer

@@ -54,6 +54,9 @@ class TextDataModule(ShardDataModule):
     ) -> None:
         kwargs.setdefault("shuffle_buffer", 100)
         super().__init__(**kwargs)
+        # into checkpoints (export needs the image size and normalisation); what is linked into the
+        # model stays out: Lightning refuses hparams that differ between model and data
+        self.save_hyperparameters()
         if seq_len < 2:
             raise ValueError(f"data.seq_len must be at least 2, got {seq_len}")
         self.tokenizer_path = tokenizer

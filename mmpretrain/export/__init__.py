@@ -1,0 +1,98 @@
+"""``mmpretrain export``: a training checkpoint to a Hugging Face transformers directory.
+
+    mmpretrain export --checkpoint runs/tb/version_0/checkpoints/last.ckpt --output exported/
+    mmpretrain export --checkpoint last.ckpt --output exported/ --ema    # the EMA weights, where kept
+
+Native transformers classes where the architecture matches (ViT classifiers -> ViTForImageClassification),
+weights as safetensors only, with an image processor config, so ``transformers.pipeline`` takes the directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmpretrain.tasks.base import Task
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that export cannot use; the message says why and what to do."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint safely (``weights_only``: no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--checkpoint {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"--checkpoint {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def load_task(checkpoint: dict[str, Any], source: str = "checkpoint") -> Task:
+    """Rebuild the task recorded in a checkpoint and load its weights."""
+    info = checkpoint.get("mmpretrain")
+    if not info or "task" not in info:
+        raise CheckpointError(f"{source} was not written by an mmpretrain task (no 'mmpretrain' entry)")
+    module_name, _, cls_name = info["task"].rpartition(".")
+    if not module_name.startswith("mmpretrain."):
+        raise CheckpointError(f"{source}: task {info['task']!r} is not an mmpretrain task")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    accepted = inspect.signature(cls).parameters
+    hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
+    task = cls(**hparams)
+    task.configure_model()
+    missing, unexpected = task.load_state_dict(checkpoint["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not fit {cls_name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    task.eval()
+    return task
+
+
+def export_task(task: Task, output: str | Path, data_hparams: dict[str, Any] | None = None, ema: bool = False) -> Path:
+    """Write ``task``'s model to ``output`` in transformers format; returns the directory."""
+    from mmpretrain.tasks.classification import ImageClassification
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    data_hparams = dict(data_hparams or {})
+    if isinstance(task, ImageClassification):
+        from mmpretrain.export.vit import export_vit
+
+        model: nn.Module = task.model
+        if ema:
+            if task.ema is None:
+                raise CheckpointError("--ema: this checkpoint keeps no EMA weights (model.ema_decay was not set)")
+            model = task.ema.module
+        names = task.class_names or data_hparams.get("class_names") or [f"class_{i}" for i in range(task.num_classes)]
+        return export_vit(model, output, list(names), data_hparams)
+    raise CheckpointError(f"export of {type(task).__name__} is not supported yet")
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, ema: bool = False) -> Path:
+    ckpt = read_checkpoint(checkpoint)
+    task = load_task(ckpt, source=f"--checkpoint {checkpoint}")
+    return export_task(task, output, ckpt.get("datamodule_hyper_parameters"), ema=ema)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mmpretrain export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by mmpretrain fit (.ckpt)")
+    parser.add_argument("--output", required=True, help="directory to write (created if missing)")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.output, ema=args.ema)
+    except (CheckpointError, ValueError) as err:
+        parser.exit(2, f"mmpretrain export: error: {err}\n")
+    print(f"exported to {out}")
+    return 0

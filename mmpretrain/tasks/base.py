@@ -82,6 +82,11 @@ class Task(pl.LightningModule):
             scheduler.resolve(total, per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # what built this checkpoint, so that `mmpretrain export` can rebuild it without the config
+        checkpoint["mmpretrain"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}"}
+
     # -- throughput -------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._flops_counted:

@@ -113,6 +113,7 @@ class ImageClassification(Task):
         if self.ema_decay is not None:
             self.ema = ModelEmaV3(self.model, decay=self.ema_decay)
             self.ema.requires_grad_(False)
+            self.ema.train()  # it never runs in training; Lightning switches it to eval for validation
         if self.compile_model:
             self.model.compile()
 
