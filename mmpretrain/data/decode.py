@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,8 @@ def decode_image(data: bytes) -> Image.Image:
             img.load()
             return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise SkipSample("bad_image", f"{type(err).__name__}: {err}") from None
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(err))
+        raise SkipSample("bad_image", f"{type(err).__name__}: {message}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -133,11 +135,16 @@ def read_label(sample: dict, spec: str, class_to_index: dict[str, int] | None = 
     value = read_field(sample, spec, "label")
     if isinstance(value, str):
         value = value.strip()
-        if class_to_index is not None and value in class_to_index:
+        # a member such as ``cls`` holds an index: read it as one first, so that numeric class names
+        # ("0", "1", "10" ...) never shadow indices; a JSON string is a class name first
+        as_name = spec.startswith("json:")
+        if as_name and class_to_index is not None and value in class_to_index:
             return class_to_index[value]
         try:
             return int(value)
         except ValueError:
+            if class_to_index is not None and value in class_to_index:
+                return class_to_index[value]
             raise SkipSample("bad_label", f"{spec!r} = {value!r} is neither an integer nor a known class name") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
         raise SkipSample("bad_label", f"{spec!r} = {value!r} is not an integer label")

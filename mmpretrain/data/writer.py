@@ -119,8 +119,9 @@ class ShardWriter:
         fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix=f".{self._name}.", suffix=".tmp")
         os.close(fd)
         self._tmp_path = Path(tmp)
-        # fixed mtime and owner: the same samples always give byte-identical shards
-        self._tar = wds.TarWriter(str(self._tmp_path), encoder=_encode, mtime=0.0, user="mmpretrain", group="mmpretrain")
+        # fixed mtime and owner: the same samples always give byte-identical shards (an int mtime:
+        # a float one makes tarfile add a PAX header to every member)
+        self._tar = wds.TarWriter(str(self._tmp_path), encoder=_encode, mtime=0, user="mmpretrain", group="mmpretrain")
         self._in_shard = 0
 
     def _finish_shard(self) -> None:

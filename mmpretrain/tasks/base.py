@@ -35,12 +35,19 @@ class Task(pl.LightningModule):
         optimizer: builds the optimizer from parameter groups.
         lr_scheduler: builds a per-step schedule from the optimizer (e.g. ``mmpretrain.optim.WarmupCosine``;
             its ``total_steps`` defaults to the trainer's estimate).
+        lr_reference_batch: when set, the optimizer's learning rate is given for this global batch and is
+            scaled linearly to the run's (``lr * global_batch / lr_reference_batch``, as DeiT does), so a
+            recipe keeps its meaning on any number of GPUs.
     """
 
-    def __init__(self, optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None) -> None:
+    def __init__(self, optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
+                 lr_reference_batch: int | None = None) -> None:
         super().__init__()
+        if lr_reference_batch is not None and lr_reference_batch < 1:
+            raise ValueError(f"model.lr_reference_batch must be positive, got {lr_reference_batch}")
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self.lr_reference_batch = lr_reference_batch
         self.model: nn.Module | None = None
         #: model FLOPs of one training step (forward and backward) on this rank; read by ThroughputMonitor
         self.flops_per_batch: int | None = None
@@ -65,6 +72,13 @@ class Task(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         self.configure_model()
         optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.lr_reference_batch is not None:
+            scale = self.global_batch_size() / self.lr_reference_batch
+            optimizer.defaults["lr"] *= scale
+            for group in optimizer.param_groups:
+                group["lr"] *= scale
+            log.info("learning rate scaled by %d / %d to %.3g", self.global_batch_size(), self.lr_reference_batch,
+                     optimizer.defaults["lr"])
         # groups may carry "lr_scale" (layer-wise decay) and a "weight_decay" marker; the optimizer's
         # configured lr and weight decay are the base they scale
         for group in optimizer.param_groups:
@@ -81,6 +95,14 @@ class Task(pl.LightningModule):
             per_epoch = max(1, int(self.trainer.num_training_batches) // accumulate) if self.trainer.num_training_batches != float("inf") else total
             scheduler.resolve(total, per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step over all ranks (data batch x world size x gradient accumulation)."""
+        trainer = self.trainer
+        per_rank = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        if per_rank is None:
+            raise ValueError("model.lr_reference_batch needs a data module with a batch_size")
+        return int(per_rank) * trainer.world_size * max(1, trainer.accumulate_grad_batches)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

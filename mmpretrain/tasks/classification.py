@@ -39,7 +39,7 @@ class ImageClassification(Task):
             ``lr * layer_decay ** (L - i)``; None for a flat learning rate.
         grad_checkpointing: recompute each block's activations in the backward pass.
         compile: ``torch.compile`` the model (in place; checkpoint keys are unchanged).
-        optimizer, lr_scheduler: see :class:`~mmpretrain.tasks.base.Task`.
+        optimizer, lr_scheduler, lr_reference_batch: see :class:`~mmpretrain.tasks.base.Task`.
     """
 
     def __init__(
@@ -59,8 +59,9 @@ class ImageClassification(Task):
         compile: bool = False,
         optimizer: OptimizerCallable = adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_reference_batch: int | None = None,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_reference_batch=lr_reference_batch)
         if num_classes < 1:
             raise ValueError(f"model.num_classes must be positive, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:

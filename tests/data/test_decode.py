@@ -67,3 +67,17 @@ def test_fields_from_members_and_json():
     with pytest.raises(SkipSample) as err:
         read_label({"cls": b"seven"}, "cls")
     assert err.value.reason == "bad_label"
+
+
+def test_numeric_class_names_never_shadow_indices():
+    names = sorted(str(i) for i in range(12))  # "0", "1", "10", "11", "2" ...
+    index = {n: i for i, n in enumerate(names)}
+    assert read_label({"cls": b"2"}, "cls", index) == 2  # an index, not the class named "2"
+    assert read_label({"json": b'{"label": "10"}'}, "json:label", index) == names.index("10")
+    assert read_label({"cls": b"dog"}, "cls", {"dog": 5}) == 5
+
+
+def test_undecodable_image_message_is_readable():
+    with pytest.raises(SkipSample) as err:
+        decode_image(b"definitely not an image")
+    assert "BytesIO" not in str(err.value)
