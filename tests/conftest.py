@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from PIL import Image
 from mmpretrain.data.writer import ShardWriter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the demo set is generated into a cache of the test session's own (a few seconds), never the user's
+os.environ.setdefault("MMPRETRAIN_CACHE", tempfile.mkdtemp(prefix="mmpretrain-test-cache-"))
 
 
 def jpeg_bytes(color: tuple[int, int, int], size: int = 16) -> bytes:

@@ -15,25 +15,12 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from mmpretrain.checkpoints import CheckpointError, read_checkpoint
 from mmpretrain.tasks.base import Task
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that export cannot use; the message says why and what to do."""
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint safely (``weights_only``: no pickled code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--checkpoint {path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"--checkpoint {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+__all__ = ["CheckpointError", "export_checkpoint", "export_task", "load_task", "main", "read_checkpoint"]
 
 
 def load_task(checkpoint: dict[str, Any], source: str = "checkpoint") -> Task:
@@ -73,6 +60,12 @@ def export_task(task: Task, output: str | Path, data_hparams: dict[str, Any] | N
             model = task.ema.module
         names = task.class_names or data_hparams.get("class_names") or [f"class_{i}" for i in range(task.num_classes)]
         return export_vit(model, output, list(names), data_hparams)
+    from mmpretrain.tasks.contrastive import ContrastivePretraining
+
+    if isinstance(task, ContrastivePretraining):
+        from mmpretrain.export.clip import export_clip
+
+        return export_clip(task.model, output, data_hparams, ema=ema)
     raise CheckpointError(f"export of {type(task).__name__} is not supported yet")
 
 

@@ -37,6 +37,10 @@ class ImageClassification(Task):
             it is validated alongside the raw model (``val/ema_acc1``).
         layer_decay: layer-wise learning-rate decay for fine-tuning (e.g. 0.65): block ``i`` of ``L`` gets
             ``lr * layer_decay ** (L - i)``; None for a flat learning rate.
+        init_from: start from the weights of a checkpoint: an mmpretrain CLIP checkpoint (its image
+            tower; the backbone must be the same timm architecture, e.g. ``vit_base_patch16_clip_224`` for
+            ``clip_vit_b16``) or a classification checkpoint. The head stays new; a position embedding of
+            another grid size is resampled.
         grad_checkpointing: recompute each block's activations in the backward pass.
         compile: ``torch.compile`` the model (in place; checkpoint keys are unchanged).
         optimizer, lr_scheduler, lr_reference_batch: see :class:`~mmpretrain.tasks.base.Task`.
@@ -55,6 +59,7 @@ class ImageClassification(Task):
         mixup_switch_prob: float = 0.5,
         ema_decay: float | None = None,
         layer_decay: float | None = None,
+        init_from: str | None = None,
         grad_checkpointing: bool = False,
         compile: bool = False,
         optimizer: OptimizerCallable = adamw,
@@ -80,6 +85,7 @@ class ImageClassification(Task):
         self.label_smoothing = label_smoothing
         self.ema_decay = ema_decay
         self.layer_decay = layer_decay
+        self.init_from = init_from
         self.grad_checkpointing = grad_checkpointing
         self.compile_model = compile
         self.mixup_fn = None
@@ -111,6 +117,8 @@ class ImageClassification(Task):
         if self.model is not None:
             return
         self.model = self.build_model()
+        if self.init_from is not None:
+            load_backbone_weights(self.model, self.init_from)
         if self.ema_decay is not None:
             self.ema = ModelEmaV3(self.model, decay=self.ema_decay)
             self.ema.requires_grad_(False)
@@ -183,3 +191,39 @@ class ImageClassification(Task):
         conf, pred = probs.max(-1)
         names = self.class_names or [str(i) for i in range(self.num_classes)]
         return {"key": batch.get("key"), "label": pred, "class_name": [names[i] for i in pred.tolist()], "prob": conf}
+
+
+# where a backbone's weights sit in the checkpoints of our tasks, most specific first
+BACKBONE_PREFIXES = ("model.visual.trunk.", "model.")
+
+
+def load_backbone_weights(model: nn.Module, path: str) -> None:
+    """Load a backbone from an mmpretrain checkpoint (CLIP image tower or classifier), keeping the head new.
+
+    Raises CheckpointError naming what does not fit when the architectures differ.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    from mmpretrain.checkpoints import CheckpointError, read_checkpoint, sub_state_dict
+
+    state = read_checkpoint(path, what="model.init_from").get("state_dict")
+    if not state:
+        raise CheckpointError(f"model.init_from {path}: the checkpoint holds no state_dict")
+    own = model.state_dict()
+    head = {k for k in own if k.startswith("head.")}
+    best = max((sub_state_dict(state, p) for p in BACKBONE_PREFIXES), key=lambda sd: len(set(sd) & set(own)))
+    weights = {k: v for k, v in best.items() if k in own and k not in head}
+    if "pos_embed" in weights and weights["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        weights["pos_embed"] = resample_abs_pos_embed(
+            weights["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix
+        )
+    missing = sorted(set(own) - set(weights) - head)
+    wrong = sorted(k for k, v in weights.items() if v.shape != own[k].shape)
+    if missing or wrong or not weights:
+        raise CheckpointError(
+            f"model.init_from {path}: its weights do not fit {type(model).__name__} "
+            f"(missing {missing[:4]}{'...' if len(missing) > 4 else ''}, other shapes {wrong[:4]}); "
+            f"choose the backbone and backbone_kwargs the checkpoint was trained with"
+        )
+    model.load_state_dict(weights, strict=False)

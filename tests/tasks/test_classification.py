@@ -113,3 +113,36 @@ def test_flops_are_counted_on_the_meta_device():
     flops = task.count_flops(batch())
     # forward + backward of a 2-block ViT: at least three times the forward matmul FLOPs
     assert flops and flops > 3 * 2 * 4 * 5 * (2 * 32 * 96 + 2 * 32 * 128)
+
+
+def test_init_from_a_clip_checkpoint_takes_the_image_tower_and_keeps_a_new_head(tmp_path):
+    from mmpretrain.models.clip import create_clip
+
+    clip = create_clip("clip_demo")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in clip.state_dict().items()}}, tmp_path / "clip.ckpt")
+    trunk = clip.visual.trunk
+    # the CLIP demo tower's layout (pre-norm), read off the tower itself
+    kwargs = {"img_size": 64, "patch_size": 8, "embed_dim": trunk.embed_dim, "depth": len(trunk.blocks),
+              "num_heads": trunk.blocks[0].attn.num_heads, "pre_norm": True}
+    fresh = ImageClassification(backbone="vit_tiny_patch16_224", backbone_kwargs=kwargs, num_classes=5)
+    fresh.configure_model()
+    task = ImageClassification(backbone="vit_tiny_patch16_224", backbone_kwargs=kwargs, num_classes=5,
+                               init_from=str(tmp_path / "clip.ckpt"))
+    task.configure_model()
+    tower = trunk.state_dict()
+    for name, value in task.model.state_dict().items():
+        if name.startswith("head."):
+            assert value.shape[0] == 5  # new head, sized for the new classes
+        else:
+            assert torch.equal(value, tower[name]), name
+    assert not torch.equal(task.model.blocks[0].attn.qkv.weight, fresh.model.blocks[0].attn.qkv.weight)
+
+
+def test_init_from_the_wrong_architecture_names_the_mismatch(tmp_path):
+    from mmpretrain.checkpoints import CheckpointError
+
+    other = make_task()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in other.model.state_dict().items()}}, tmp_path / "c.ckpt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        ImageClassification(backbone="vit_tiny_patch16_224", backbone_kwargs={**TINY, "embed_dim": 64},
+                            num_classes=4, init_from=str(tmp_path / "c.ckpt")).configure_model()
