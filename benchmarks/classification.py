@@ -92,7 +92,7 @@ class _StepTimer:
 
 
 def bench_ours(model_name: str, batch_size: int, steps: int, warmup: int, num_classes: int, compile: bool,
-               fused: bool) -> dict[str, Any]:
+               fused: bool, compile_mode: str = "default") -> dict[str, Any]:
     """Our ImageClassification task through Lightning's Trainer (bf16-mixed), the batch already on the GPU."""
     import lightning.pytorch as pl
 
@@ -110,7 +110,8 @@ def bench_ours(model_name: str, batch_size: int, steps: int, warmup: int, num_cl
     def optimizer(params):
         return torch.optim.AdamW(params, lr=5e-4, weight_decay=0.05, fused=fused)
 
-    task = ImageClassification(backbone=model_name, num_classes=num_classes, compile=compile, optimizer=optimizer)
+    task = ImageClassification(backbone=model_name, num_classes=num_classes, compile=compile,
+                               compile_mode=compile_mode, optimizer=optimizer)
     timer = _StepTimer()
     callback = type("Timer", (pl.Callback,), {"on_train_batch_start": timer.on_train_batch_start,
                                               "on_train_batch_end": timer.on_train_batch_end})()
@@ -131,7 +132,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--variants", nargs="+", default=["timm", "ours", "ours+compile+fused"])
+    parser.add_argument("--variants", nargs="+", default=["timm", "ours", "ours+compile+fused"],
+                        help="timm, ours; ours with +fused (fused AdamW), +compile, +autotune (compile with max-autotune)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -146,7 +148,8 @@ def main() -> None:
                 r = bench_timm(name, args.batch_size, args.steps, args.warmup, args.num_classes)
             else:
                 r = bench_ours(name, args.batch_size, args.steps, args.warmup, args.num_classes,
-                               compile="compile" in variant, fused="fused" in variant)
+                               compile="compile" in variant, fused="fused" in variant,
+                               compile_mode="max-autotune-no-cudagraphs" if "autotune" in variant else "default")
             r.update(model=name, variant=variant, batch=args.batch_size,
                      samples_per_s=args.batch_size / r["step_s"], mfu=flops / r["step_s"] / peak,
                      flops_per_step=flops, device=torch.cuda.get_device_name(), torch=torch.__version__)

@@ -43,6 +43,7 @@ class ImageClassification(Task):
             another grid size is resampled.
         grad_checkpointing: recompute each block's activations in the backward pass.
         compile: ``torch.compile`` the model (in place; checkpoint keys are unchanged).
+        compile_mode: ``torch.compile`` mode (``default``, ``max-autotune-no-cudagraphs`` ...).
         optimizer, lr_scheduler, lr_reference_batch: see :class:`~mmpretrain.tasks.base.Task`.
     """
 
@@ -62,6 +63,7 @@ class ImageClassification(Task):
         init_from: str | None = None,
         grad_checkpointing: bool = False,
         compile: bool = False,
+        compile_mode: str = "default",
         optimizer: OptimizerCallable = adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_reference_batch: int | None = None,
@@ -88,6 +90,7 @@ class ImageClassification(Task):
         self.init_from = init_from
         self.grad_checkpointing = grad_checkpointing
         self.compile_model = compile
+        self.compile_mode = compile_mode
         self.mixup_fn = None
         if mixup > 0 or cutmix > 0:
             self.mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
@@ -124,7 +127,7 @@ class ImageClassification(Task):
             self.ema.requires_grad_(False)
             self.ema.train()  # it never runs in training; Lightning switches it to eval for validation
         if self.compile_model:
-            self.model.compile()
+            self.model.compile(mode=self.compile_mode)
 
     def parameter_groups(self) -> list[dict]:
         no_decay = set(getattr(self.model, "no_weight_decay", lambda: set())())
