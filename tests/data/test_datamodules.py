@@ -97,3 +97,17 @@ def test_missing_caption_or_text_is_skipped_and_counted(tmp_path, kind):
         dm = TextDataModule(val_shards=pattern, tokenizer="demo", seq_len=4, batch_size=2, num_workers=0)
         list(dm.val_dataloader())
         assert dm.stats["val"].snapshot() == {"missing_text": 1}
+
+
+def test_pipe_urls_and_brace_lists_read_like_local_paths(image_shards):
+    urls = image_shards([3, 4])
+    piped = [f"pipe:cat {u}" for u in urls]
+    dm = ImageLabelDataModule(val_shards=piped, num_classes=3, image_size=8, batch_size=2, num_workers=0)
+    keys = sorted(k.split(":", 1)[1].rsplit(":", 1)[-1] for b in dm.val_dataloader() for k in b["key"])
+    assert keys == [f"{n:06d}" for n in range(7)]
+    # pipe: shards have no index, so training needs an epoch length
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        ImageLabelDataModule(train_shards=piped, num_classes=3, image_size=8, num_workers=0).train_dataloader()
+    dm = ImageLabelDataModule(train_shards=piped, num_classes=3, image_size=8, batch_size=2, num_workers=0,
+                              samples_per_epoch=6)
+    assert len(list(dm.train_dataloader())) == 3
