@@ -46,6 +46,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ParallelStrategy
@@ -56,7 +57,6 @@ from mmpretrain.models.clip import CLIP, create_clip, list_clip_models
 from mmpretrain.models.losses import (
     ClipLoss,
     SigLipLoss,
-    _world,
     clip_loss_from_features,
     gather_with_grad,
     siglip_loss_from_features,
@@ -100,6 +100,8 @@ class ContrastivePretraining(Task):
         optimizer, lr_scheduler: see :class:`~mmpretrain.tasks.base.Task`; the default optimizer is
             :func:`clip_adamw`.
     """
+
+    model: CLIP | None
 
     def __init__(
         self,
@@ -150,8 +152,6 @@ class ContrastivePretraining(Task):
         self.eval_text_features = CatMetric(nan_strategy="disable")
         self.eval_labels = CatMetric(nan_strategy="disable")
         self._zero_shot_weights: torch.Tensor | None = None
-
-    model: CLIP
 
     # -- model ------------------------------------------------------------------------------------------------
     def build_model(self) -> CLIP:
@@ -312,14 +312,13 @@ class ContrastivePretraining(Task):
         model = self.model
         images, tokens = self._micro_batches(batch)
         count = len(images)
-        rank, world = _world()
+        rank, world = _rank_and_world()
         with torch.no_grad():
             cached_image = torch.cat([model.encode_image(x) for x in images])
             cached_text = torch.cat([model.encode_text(t) for t in tokens])
             all_image = gather_with_grad(cached_image) if not self.siglip else None
             all_text = gather_with_grad(cached_text)
         local = cached_image.shape[0]
-        loss_value = torch.zeros((), device=cached_image.device)
         for m in range(count):
             last = m == count - 1
             with self._backward_sync(enabled=last):
@@ -338,8 +337,7 @@ class ContrastivePretraining(Task):
                     loss = clip_loss_from_features(rows_image, rows_text, scale, cols_image, cols_text,
                                                    offset=rank * local)
                 self._backward(loss)
-            loss_value = loss.detach()
-        return loss_value
+        return loss.detach()  # every micro-batch's loss has the value of the whole batch's
 
     def _backward_sync(self, enabled: bool):
         """No DDP gradient all-reduce for all but the last micro-batch (the gradients add up locally)."""
@@ -404,24 +402,38 @@ class ContrastivePretraining(Task):
             self.eval_labels.update(batch["label"].float())
 
     def _finish_evaluation(self, stage: str) -> None:
-        if not self.eval_image_features.update_called:
-            return
-        # CatMetric.compute gathers every rank's rows (in rank order, so images and texts stay paired)
-        image = self.eval_image_features.compute().reshape(-1, self.model.embed_dim)
-        text = self.eval_text_features.compute().reshape(-1, self.model.embed_dim)
-        metrics = {f"{stage}/{k}": v for k, v in retrieval_recall(image, text).items()}
-        if self._zero_shot_weights is not None and self.eval_labels.update_called:
-            labels = self.eval_labels.compute().reshape(-1).long()
-            acc = zero_shot_accuracy(image, self._zero_shot_weights, labels)
-            metrics.update({f"{stage}/{k}": v for k, v in acc.items()})
-        # identical on every rank; synchronising keeps Lightning's epoch-level bookkeeping uniform
-        self.log_dict(metrics, sync_dist=True)
+        metrics = self.evaluation_metrics()
+        if metrics:
+            # identical on every rank; synchronising keeps Lightning's epoch-level bookkeeping uniform
+            self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=True)
         for metric in (self.eval_image_features, self.eval_text_features, self.eval_labels):
             metric.reset()
+
+    def evaluation_metrics(self) -> dict[str, torch.Tensor]:
+        """Retrieval recall and zero-shot accuracy over the features collected on every rank so far.
+
+        ``CatMetric.compute`` gathers every rank's rows (in rank order, so images and texts stay paired), and
+        every rank computes the same figures. Empty when nothing was collected.
+        """
+        if not self.eval_image_features.update_called:
+            return {}
+        image = self.eval_image_features.compute().reshape(-1, self.model.embed_dim)
+        text = self.eval_text_features.compute().reshape(-1, self.model.embed_dim)
+        metrics = retrieval_recall(image, text)
+        if self._zero_shot_weights is not None and self.eval_labels.update_called:
+            labels = self.eval_labels.compute().reshape(-1).long()
+            metrics.update(zero_shot_accuracy(image, self._zero_shot_weights.to(image.device), labels))
+        return metrics
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         image, text, _, _ = self.model(batch["image"], batch["input_ids"])
         return {"key": batch.get("key"), "image_embeds": image.float().cpu(), "text_embeds": text.float().cpu()}
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _splice(cached: torch.Tensor, live: torch.Tensor, m: int, count: int, world: int) -> torch.Tensor:
