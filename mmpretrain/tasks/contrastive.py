@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
-from torchmetrics.aggregation import CatMetric
 
 from mmpretrain.models.clip import CLIP, create_clip, list_clip_models
 from mmpretrain.models.losses import (
@@ -65,7 +64,7 @@ from mmpretrain.tasks.base import Task
 
 log = logging.getLogger("mmpretrain")
 
-__all__ = ["ContrastivePretraining", "clip_adamw", "retrieval_recall", "zero_shot_accuracy"]
+__all__ = ["ContrastivePretraining", "clip_adamw", "gather_rows", "retrieval_recall", "zero_shot_accuracy"]
 
 RECALL_AT = (1, 5, 10)
 
@@ -148,9 +147,9 @@ class ContrastivePretraining(Task):
         self.automatic_optimization = accumulate_micro_batches == 1
         self._clip_gradients: tuple[float, str] | None = None
         # validation state: features and labels of this rank, gathered across ranks at the epoch's end
-        self.eval_image_features = CatMetric(nan_strategy="disable")
-        self.eval_text_features = CatMetric(nan_strategy="disable")
-        self.eval_labels = CatMetric(nan_strategy="disable")
+        self.eval_image_features: list[torch.Tensor] = []
+        self.eval_text_features: list[torch.Tensor] = []
+        self.eval_labels: list[torch.Tensor] = []
         self._zero_shot_weights: torch.Tensor | None = None
 
     # -- model ------------------------------------------------------------------------------------------------
@@ -372,8 +371,7 @@ class ContrastivePretraining(Task):
         self._finish_evaluation("test")
 
     def _start_evaluation(self) -> None:
-        for metric in (self.eval_image_features, self.eval_text_features, self.eval_labels):
-            metric.reset()
+        self._reset_evaluation()
         data = self._datamodule()
         prompts = data.zero_shot_prompts() if hasattr(data, "zero_shot_prompts") else None
         self._zero_shot_weights = None if prompts is None else self.zero_shot_weights(prompts)
@@ -396,38 +394,65 @@ class ContrastivePretraining(Task):
             loss = clip_loss_from_features(image, text, scale)
         n = image.shape[0]
         self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True)
-        self.eval_image_features.update(image.float())
-        self.eval_text_features.update(text.float())
+        self.eval_image_features.append(image.detach().float())
+        self.eval_text_features.append(text.detach().float())
         if "label" in batch:
-            self.eval_labels.update(batch["label"].float())
+            self.eval_labels.append(batch["label"])
+
+    def _reset_evaluation(self) -> None:
+        self.eval_image_features, self.eval_text_features, self.eval_labels = [], [], []
 
     def _finish_evaluation(self, stage: str) -> None:
         metrics = self.evaluation_metrics()
         if metrics:
             # identical on every rank; synchronising keeps Lightning's epoch-level bookkeeping uniform
             self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        for metric in (self.eval_image_features, self.eval_text_features, self.eval_labels):
-            metric.reset()
+        self._reset_evaluation()
 
     def evaluation_metrics(self) -> dict[str, torch.Tensor]:
-        """Retrieval recall and zero-shot accuracy over the features collected on every rank so far.
+        """Retrieval recall and zero-shot accuracy over the features collected on every rank.
 
-        ``CatMetric.compute`` gathers every rank's rows (in rank order, so images and texts stay paired), and
-        every rank computes the same figures. Empty when nothing was collected.
+        The rows of all ranks are gathered (any number per rank, none included) in rank order, so images,
+        texts and labels stay paired, and every rank computes the same figures. Collective: every rank
+        must call it. Empty when no rank collected anything.
         """
-        if not self.eval_image_features.update_called:
+        dim = self.model.embed_dim
+        device = self.device
+
+        def rows(parts: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            local = torch.cat(parts) if parts else torch.zeros(shape, dtype=dtype, device=device)
+            return gather_rows(local.to(device))
+
+        image = rows(self.eval_image_features, (0, dim), torch.float32)
+        text = rows(self.eval_text_features, (0, dim), torch.float32)
+        labels = rows(self.eval_labels, (0,), torch.long)
+        if image.shape[0] == 0:
             return {}
-        image = self.eval_image_features.compute().reshape(-1, self.model.embed_dim)
-        text = self.eval_text_features.compute().reshape(-1, self.model.embed_dim)
         metrics = retrieval_recall(image, text)
-        if self._zero_shot_weights is not None and self.eval_labels.update_called:
-            labels = self.eval_labels.compute().reshape(-1).long()
+        if self._zero_shot_weights is not None and labels.shape[0] == image.shape[0]:
             metrics.update(zero_shot_accuracy(image, self._zero_shot_weights.to(image.device), labels))
         return metrics
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         image, text, _, _ = self.model(batch["image"], batch["input_ids"])
         return {"key": batch.get("key"), "image_embeds": image.float().cpu(), "text_embeds": text.float().cpu()}
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` on every rank, concatenated in rank order; ranks may hold different numbers of rows
+    (none included). ``x`` itself without a process group. Collective: every rank must call it."""
+    rank, world = _rank_and_world()
+    if world == 1:
+        return x
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
 def _rank_and_world() -> tuple[int, int]:
