@@ -285,10 +285,15 @@ class ShardStream(IterableDataset):
         for s in shards:
             url = self.urls[s]
             n = 0
+            errors = self.stats.bad_shards
             for i, sample in enumerate(iter_shard_samples(url, on_shard_error=self._shard_error)):
                 n += 1
                 if i % part.modulus == part.remainder:
                     yield sample
+            expected = self.counts[s]
+            if expected is not None and 0 < n < expected and self.stats.bad_shards == errors:
+                # cut at a member boundary, a truncated tar reads as a clean short one: the index tells
+                self._shard_error(url, EOFError(f"{n} samples where the index records {expected} (truncated?)"))
             if n == 0:
                 self.stats.add("empty_shard")
                 if self.strict:

@@ -27,7 +27,7 @@ def write_faulty_set(tmp_path):
         for i in range(40):
             w.write({"__key__": f"c{i:04d}", "jpg": good, "cls": 1})
     data = (tmp_path / "c-000000.tar").read_bytes()
-    (tmp_path / "c-000000.tar").write_bytes(data[: int(len(data) * 0.6)])  # a truncated tar
+    (tmp_path / "c-000000.tar").write_bytes(data[: int(len(data) * 0.6) + 100])  # a truncated tar
     return str(tmp_path / "{a,b,c}-000000.tar")
 
 
@@ -83,3 +83,20 @@ def test_unknown_class_count_is_a_config_error(tmp_path):
     dm = make_dm(str(tmp_path / "a-000000.tar"))
     with pytest.raises(ValueError, match="data.num_classes"):
         _ = dm.num_classes
+
+
+def test_a_tar_cut_at_a_member_boundary_is_caught_by_its_index_count(tmp_path):
+    with ShardWriter(tmp_path, prefix="c", shard_size=100, metadata={"classes": ["x", "y"]}) as w:
+        for i in range(10):
+            w.write({"__key__": f"c{i:04d}", "cls": i % 2, "jpg": jpeg_bytes((1, 2, 3))})
+    path = tmp_path / "c-000000.tar"
+    import tarfile as tf
+
+    with tf.open(path) as t:
+        cut = t.getmembers()[8].offset  # the header of the 5th sample: a clean member boundary
+    path.write_bytes(path.read_bytes()[:cut])
+    dm = make_dm(str(path))
+    assert sum(len(b["key"]) for b in dm.val_dataloader()) == 4
+    assert dm.stats["val"].snapshot() == {"corrupt_shard": 1}
+    with pytest.raises(ShardReadError, match="index records 10"):
+        list(make_dm(str(path), strict=True).val_dataloader())
