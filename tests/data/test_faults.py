@@ -40,12 +40,12 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path):
     batches = list(dm.val_dataloader())
     keys = [k for b in batches for k in b["key"]]
     stats = dm.stats["val"].snapshot()
-    # the truncated JPEG, and maybe the sample the tar's truncation cut in half
-    assert stats["bad_image"] in (1, 2)
+    assert stats["bad_image"] >= 1  # the truncated JPEG
     assert stats["missing_label"] == 1
     assert stats["empty_shard"] == 1
     assert stats["corrupt_shard"] == 1
-    assert dm.stats["val"].skipped_samples == 1 + stats["bad_image"]
+    # plus, perhaps, the sample that the tar's truncation cut in half
+    assert dm.stats["val"].skipped_samples in (2, 3)
     good_a = [k for k in keys if "a-000000" in k]
     assert len(good_a) == 4  # 6 written, 2 bad
     got_c = [k for k in keys if "c-000000" in k]
