@@ -1,0 +1,132 @@
+"""``selective_scan``: one entry point over the backends, with argument checks.
+
+Backends (``backend=``):
+
+- ``"reference"``: the sequential loop (:mod:`.reference`), slow, obviously correct.
+- ``"torch"``: the chunked parallel scan in plain PyTorch (:mod:`.chunked`); any device.
+- ``"triton"``: fused Triton kernels (:mod:`.triton_kernels`); CUDA tensors (or Triton's interpreter).
+- ``"mamba_ssm"``: ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``, when that package is
+  importable (never required).
+- ``"auto"`` (default): ``"triton"`` for CUDA tensors when triton is importable, ``"torch"`` otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+
+from .chunked import selective_scan_chunked
+from .reference import selective_scan_reference
+
+BACKENDS = ("auto", "reference", "torch", "triton", "mamba_ssm")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def mamba_ssm_available() -> bool:
+    return importlib.util.find_spec("mamba_ssm") is not None
+
+
+def _mamba_ssm_fn() -> Callable:
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            "selective_scan backend 'mamba_ssm' needs the mamba_ssm package, which is not importable here "
+            f"({e}); use backend='auto', 'triton' or 'torch'"
+        ) from e
+    return selective_scan_fn
+
+
+def resolve_backend(backend: str, u: torch.Tensor) -> str:
+    """The concrete backend ``backend`` means for tensors like ``u`` ('auto' picks triton on CUDA, else torch)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"selective_scan: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if u.is_cuda and triton_available() else "torch"
+    return backend
+
+
+def check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    """Raise ValueError naming the argument whose shape does not fit the others."""
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    batch, dim, L = u.shape
+    if tuple(delta.shape) != (batch, dim, L):
+        raise ValueError(f"selective_scan: delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be (dim={dim}, N), got shape {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("selective_scan: A must be real (complex A is not supported)")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3:
+            ok = tuple(t.shape) == (batch, N, L)
+        elif t.dim() == 4:
+            groups = t.shape[1]
+            ok = tuple(t.shape) == (batch, groups, N, L) and groups > 0 and dim % groups == 0
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"selective_scan: {name} must be (batch={batch}, N={N}, L={L}) or (batch, groups, N, L) with "
+                f"groups dividing dim={dim}, got shape {tuple(t.shape)}"
+            )
+    if z is not None and tuple(z.shape) != (batch, dim, L):
+        raise ValueError(f"selective_scan: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f"selective_scan: {name} must be (dim={dim},), got shape {tuple(t.shape)}")
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str = "auto",
+):
+    """Selective scan (Mamba's S6 recurrence) with mamba_ssm's semantics.
+
+    Args:
+        u: input (batch, dim, L).
+        delta: step sizes (batch, dim, L); ``delta + delta_bias``, then softplus if ``delta_softplus``.
+        A: state matrix (dim, N), real (negative for a decaying state).
+        B, C: input and output projections (batch, N, L), or (batch, groups, N, L) with groups dividing
+            dim, where channel d uses group d // (dim // groups).
+        D: skip connection (dim,), optional.
+        z: gate (batch, dim, L), optional: the output is multiplied by silu(z).
+        delta_bias: (dim,), optional.
+        delta_softplus: apply softplus to delta (after the bias).
+        return_last_state: also return the final state (batch, dim, N), float32 (float64 for float64 inputs).
+        backend: "auto", "reference", "torch", "triton" or "mamba_ssm" (see the module docstring).
+
+    Returns:
+        ``out`` (batch, dim, L) in u's dtype, or ``(out, last_state)``. All backends are differentiable
+        with respect to every tensor argument.
+    """
+    check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    which = resolve_backend(backend, u)
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                  return_last_state=return_last_state)
+    if which == "reference":
+        return selective_scan_reference(u, delta, A, B, C, **kwargs)
+    if which == "torch":
+        return selective_scan_chunked(u, delta, A, B, C, **kwargs)
+    if which == "triton":
+        if not triton_available():
+            raise RuntimeError("selective_scan backend 'triton' needs the triton package; use backend='torch'")
+        from .triton_kernels import selective_scan_triton
+
+        return selective_scan_triton(u, delta, A, B, C, **kwargs)
+    return _mamba_ssm_fn()(u, delta, A, B, C, **kwargs)

@@ -1,0 +1,331 @@
+"""Selective scan: every backend's outputs and gradients against the sequential reference.
+
+On CPU: the torch backend in float64 (tight tolerances); the Triton kernels in Triton's interpreter,
+which needs TRITON_INTERPRET=1 before triton is imported, so ``test_triton_kernels_in_interpreter``
+reruns this file's triton tests in a subprocess with that set. With a GPU the same tests also run on
+CUDA in float32 and bfloat16 (tolerances suited to each); reference values are then computed in
+float64 from the same (rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmpretrain.ops.selective_scan import (
+    resolve_backend,
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_reference,
+)
+from mmpretrain.ops.selective_scan.dispatch import mamba_ssm_available, triton_available
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+# name -> (z, D, delta_bias, delta_softplus, return_last_state): all off, all on, and two mixes
+CONFIGS = {
+    "plain": (False, False, False, False, False),
+    "full": (True, True, True, True, True),
+    "z_bias_last": (True, False, True, False, True),
+    "D_softplus": (False, True, False, True, False),
+}
+# relative error of each compared tensor, by the dtype the backend ran in
+RTOL = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 2.5e-2}
+# absolute slack per sqrt(element), for tensors whose exact value is (near) zero, e.g. dA when L = 1
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-4}
+
+
+def make_inputs(batch, dim, L, N, groups, config, dtype, device, seed=0):
+    """Random inputs in the usual regime (A < 0, small positive delta). groups=0: B, C are (batch, N, L)."""
+    g = torch.Generator().manual_seed(seed)
+    has_z, has_D, has_bias, softplus, last = CONFIGS[config]
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device)
+
+    bc_shape = (batch, N, L) if groups == 0 else (batch, groups, N, L)
+    t = {
+        "u": randn(batch, dim, L).to(dtype),
+        # raw delta: softplus makes it positive; without softplus keep it positive ourselves
+        "delta": (randn(batch, dim, L, scale=0.5) if softplus else 0.5 * torch.rand(batch, dim, L, generator=g,
+                  dtype=torch.float64).to(device)).to(dtype),
+        "A": -torch.exp(randn(dim, N, scale=0.5)),  # parameters stay float32/float64, as in Mamba
+        "B": randn(*bc_shape).to(dtype),
+        "C": randn(*bc_shape).to(dtype),
+        "D": randn(dim) if has_D else None,
+        "z": randn(batch, dim, L).to(dtype) if has_z else None,
+        # without softplus, delta + delta_bias must stay positive (a growing state overflows in float32)
+        "delta_bias": (randn(dim, scale=0.5) if softplus else 0.1 * torch.rand(dim, generator=g,
+                       dtype=torch.float64).to(device)) if has_bias else None,
+    }
+    if dtype != torch.float64:
+        for k in ("A", "D", "delta_bias"):
+            if t[k] is not None:
+                t[k] = t[k].float()
+    for v in t.values():
+        if v is not None:
+            v.requires_grad_(True)
+    return t, dict(delta_softplus=softplus, return_last_state=last)
+
+
+def run_with_grads(fn, inputs, flags, seed=1):
+    """fn(**inputs, **flags) -> [out, last_state?, d/d each input] for a random linear loss."""
+    res = fn(**inputs, **flags)
+    out, last = res if flags["return_last_state"] else (res, None)
+    g = torch.Generator().manual_seed(seed)
+    loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)).sum()
+    if last is not None:
+        loss = loss + (last.double() * torch.randn(last.shape, generator=g, dtype=torch.float64).to(out.device)).sum()
+    names = [k for k, v in inputs.items() if v is not None]
+    grads = torch.autograd.grad(loss, [inputs[k] for k in names], allow_unused=False)
+    result = {"out": out}
+    if last is not None:
+        result["last_state"] = last
+    result.update({f"d{k}": gr for k, gr in zip(names, grads)})
+    return result
+
+
+def reference_of(inputs, flags):
+    """The reference in float64 on the same (already rounded) inputs."""
+    ins64 = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
+    return run_with_grads(selective_scan_reference, ins64, flags)
+
+
+def assert_matches(result, expected, rtol, what, atol=1e-12):
+    assert result.keys() == expected.keys()
+    for k, exp in expected.items():
+        got = result[k]
+        assert got.shape == exp.shape, f"{what}: {k} has shape {tuple(got.shape)}, expected {tuple(exp.shape)}"
+        assert torch.isfinite(got).all(), f"{what}: {k} has non-finite values"
+        err = (got.double() - exp).norm().item()
+        scale = exp.norm().item()
+        assert err <= rtol * scale + atol * math.sqrt(exp.numel()), (
+            f"{what}: {k} relative error {err / max(scale, 1e-300):.2e} > {rtol:.0e}")
+
+
+def compute_dtypes(device):
+    return [torch.float64] if device == "cpu" else [torch.float32, torch.bfloat16]
+
+
+# --- the reference itself -------------------------------------------------------------------------
+
+
+def test_reference_matches_scalar_loop():
+    """The reference against a scalar Python loop over every (batch, channel, state, step)."""
+    t, flags = make_inputs(1, 4, 5, 3, 2, "full", torch.float64, "cpu", seed=3)
+    with torch.no_grad():
+        out, last = selective_scan_reference(**t, **flags)
+    u, dl, A, B, C, D, z, bias = (t[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    dim, L, N = 4, 5, 3
+    for d in range(dim):
+        grp = d // (dim // 2)
+        x = [0.0] * N
+        for s in range(L):
+            dt = math.log1p(math.exp(float(dl[0, d, s] + bias[d])))
+            y = 0.0
+            for n in range(N):
+                x[n] = math.exp(dt * float(A[d, n])) * x[n] + dt * float(B[0, grp, n, s]) * float(u[0, d, s])
+                y += float(C[0, grp, n, s]) * x[n]
+            y += float(D[d]) * float(u[0, d, s])
+            zz = float(z[0, d, s])
+            y *= zz / (1 + math.exp(-zz))
+            assert abs(y - float(out[0, d, s])) < 1e-12
+        for n in range(N):
+            assert abs(x[n] - float(last[0, d, n])) < 1e-12
+
+
+# --- torch (chunked) backend -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("groups", [0, 2], ids=["shared_BC", "grouped_BC"])
+@pytest.mark.parametrize("L", [1, 7, 197])
+def test_torch_backend_matches_reference(device, config, groups, L):
+    for dtype in compute_dtypes(device):
+        t, flags = make_inputs(2, 6, L, 4, groups, config, dtype, device, seed=L)
+        got = run_with_grads(lambda **kw: selective_scan(**kw, backend="torch"), t, flags)
+        assert_matches(got, reference_of(t, flags), RTOL[dtype], f"torch {device} {dtype}", ATOL[dtype])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_torch_backend_chunk_sizes(chunk_size):
+    t, flags = make_inputs(2, 4, 23, 3, 0, "full", torch.float64, "cpu", seed=5)
+    got = run_with_grads(lambda **kw: selective_scan_chunked(**kw, chunk_size=chunk_size), t, flags)
+    assert_matches(got, reference_of(t, flags), 1e-10, f"torch chunk_size={chunk_size}")
+
+
+def test_torch_backend_long_sequence():
+    t, flags = make_inputs(1, 2, 4097, 4, 0, "full", torch.float64, "cpu", seed=7)
+    got = run_with_grads(lambda **kw: selective_scan(**kw, backend="torch"), t, flags)
+    assert_matches(got, reference_of(t, flags), 1e-9, "torch L=4097")
+
+
+def test_torch_backend_stable_for_strong_decay():
+    """Large delta * |A| (exp underflows inside a chunk): no inf or NaN, same values as the reference."""
+    t, flags = make_inputs(1, 3, 50, 4, 0, "plain", torch.float64, "cpu", seed=9)
+    with torch.no_grad():
+        t["delta"].mul_(400.0)
+        t["A"].mul_(10.0)
+    got = run_with_grads(lambda **kw: selective_scan(**kw, backend="torch"), t, flags)
+    assert_matches(got, reference_of(t, flags), 1e-10, "torch strong decay")
+
+
+def test_torch_backend_low_precision_inputs_on_cpu():
+    t, flags = make_inputs(2, 4, 9, 3, 0, "full", torch.bfloat16, "cpu", seed=2)
+    got = run_with_grads(lambda **kw: selective_scan(**kw, backend="torch"), t, flags)
+    assert got["out"].dtype == torch.bfloat16 and got["last_state"].dtype == torch.float32
+    assert_matches(got, reference_of(t, flags), RTOL[torch.bfloat16], "torch bf16 cpu")
+
+
+# --- triton backend --------------------------------------------------------------------------------
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+def triton_devices():
+    """CUDA when present; CPU only inside the interpreter subprocess."""
+    devices = []
+    if INTERPRET:
+        devices.append("cpu")
+    if HAS_CUDA and not INTERPRET:
+        devices.append("cuda")
+    return devices or [pytest.param("cpu", marks=pytest.mark.skip(
+        reason="no GPU: run under TRITON_INTERPRET=1 by test_triton_kernels_in_interpreter"))]
+
+
+def triton_dtypes(device):
+    # the interpreter runs numpy: float64 checks the algebra tightly, float32 the default path
+    return [torch.float64, torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
+
+
+def _triton(**overrides):
+    """selective_scan_triton with the default launch parameters, some overridden."""
+    from mmpretrain.ops.selective_scan.triton_kernels import TritonConfig, selective_scan_triton
+
+    cfg = TritonConfig(**overrides)
+    return lambda **inputs: selective_scan_triton(**inputs, config=cfg)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("groups", [0, 2], ids=["shared_BC", "grouped_BC"])
+@pytest.mark.parametrize("L", [1, 7])
+def test_triton_backend_short(device, config, groups, L):
+    for dtype in triton_dtypes(device):
+        # dim 6: a masked block for shared B/C, one-channel blocks for 2 groups of 3; N 5 is padded to 8
+        t, flags = make_inputs(2, 6, L, 5, groups, config, dtype, device, seed=L)
+        # chunk 4 (sub-chunk 2): L=7 crosses checkpoint boundaries and ends in a partial chunk
+        got = run_with_grads(_triton(chunk=4, sub_chunk=2), t, flags)
+        assert_matches(got, reference_of(t, flags), RTOL[dtype], f"triton {device} {dtype}", ATOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("config,groups", [("full", 0), ("z_bias_last", 2)])
+def test_triton_backend_long(device, config, groups):
+    if device == "cpu":
+        # the interpreter is slow: one dtype per case, one batch row, few channels and states
+        dtypes, batch, dim, N = [torch.float32 if config == "full" else torch.float64], 1, 4, 4
+    else:
+        dtypes, batch, dim, N = triton_dtypes(device), 4, 64, 16
+    for dtype in dtypes:
+        t, flags = make_inputs(batch, dim, 197, N, groups, config, dtype, device, seed=11)
+        got = run_with_grads(_triton(), t, flags)
+        assert_matches(got, reference_of(t, flags), RTOL[dtype], f"triton L=197 {device} {dtype}", ATOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
+def test_triton_backend_strong_decay_and_mixed_groups(device):
+    """Underflowing decays (a_t x_{t-1} must not come from x_t - dt B u), and B shared while C is grouped."""
+    t, flags = make_inputs(2, 4, 12, 4, 2, "full", torch.float32, device, seed=13)
+    with torch.no_grad():
+        t["A"].mul_(30.0)
+    t["B"] = t["B"].detach()[:, 0].clone().requires_grad_(True)
+    got = run_with_grads(_triton(chunk=8), t, flags)
+    assert_matches(got, reference_of(t, flags), RTOL[torch.float32], "triton strong decay", ATOL[torch.float32])
+
+
+def _interpreter_usable() -> bool:
+    """Triton before 3.8 turns kernel int arguments into 1-element arrays that numpy >= 2.5 will not index with."""
+    import numpy
+    import triton
+
+    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])  # noqa: E731
+    return not (version(triton.__version__) < (3, 8) and version(numpy.__version__) >= (2, 5))
+
+
+@pytest.mark.skipif(INTERPRET or not triton_available(), reason="this is the parent of the interpreter run")
+def test_triton_kernels_in_interpreter():
+    """Rerun this file's triton tests on CPU under TRITON_INTERPRET=1 (which must be set before import)."""
+    if not _interpreter_usable():
+        pytest.skip("this triton's interpreter does not run with this numpy (triton < 3.8 with numpy >= 2.5)")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--noconftest", str(Path(__file__)),
+           "-k", "test_triton_backend"]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"interpreted triton tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+# --- dispatch, errors, optional mamba_ssm ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_backend(device):
+    u = torch.zeros(1, 1, 1, device=device)
+    expected = "triton" if device == "cuda" and triton_available() else "torch"
+    assert resolve_backend("auto", u) == expected
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("cuda", u)
+
+
+def test_errors_name_the_argument():
+    t, flags = make_inputs(2, 6, 5, 4, 0, "full", torch.float64, "cpu")
+    bad = dict(t, B=t["B"][:, :3])
+    with pytest.raises(ValueError, match=r"^selective_scan: B must be"):
+        selective_scan(**bad, **flags)
+    bad = dict(t, C=t["C"].detach().reshape(2, 1, 4, 5).expand(2, 4, 4, 5))  # 4 groups do not divide dim 6
+    with pytest.raises(ValueError, match=r"^selective_scan: C must be"):
+        selective_scan(**bad, **flags)
+    with pytest.raises(ValueError, match=r"^selective_scan: D must be"):
+        selective_scan(**dict(t, D=t["D"][:3]), **flags)
+
+
+@pytest.mark.skipif(not (HAS_CUDA and mamba_ssm_available()), reason="mamba_ssm and a GPU are optional")
+def test_mamba_ssm_backend():
+    t, flags = make_inputs(2, 64, 197, 16, 0, "full", torch.float32, "cuda", seed=17)
+    got = run_with_grads(lambda **kw: selective_scan(**kw, backend="mamba_ssm"), t, flags)
+    assert_matches(got, reference_of(t, flags), RTOL[torch.float32], "mamba_ssm")
+
+
+# --- memory: nothing of size (batch, dim, L, N) -----------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="measures CUDA memory")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_memory_stays_below_the_full_state(backend):
+    batch, dim, L, N = 2, 128, 4096, 64
+    t, flags = make_inputs(batch, dim, L, N, 0, "full", torch.bfloat16, "cuda", seed=19)
+    kwargs = dict(chunk_size=8) if backend == "torch" else {}
+    fn = selective_scan_chunked if backend == "torch" else _triton()
+    run_with_grads(lambda **kw: fn(**kw, **kwargs), t, flags)  # warm-up (compilation)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run_with_grads(lambda **kw: fn(**kw, **kwargs), t, flags)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    full_state = batch * dim * L * N * 4
+    assert extra < full_state / 2, f"{backend}: peak {extra / 2**20:.0f} MiB vs full state {full_state / 2**20:.0f} MiB"
