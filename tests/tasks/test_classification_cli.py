@@ -44,7 +44,7 @@ def test_classification_demo_trains_and_logs_validation_accuracy(tmp_path):
 
 
 def test_classification_demo_learns_in_a_short_run(tmp_path):
-    """The whole path learns: the demo recipe fits 64 demo images (no augmentation) in 120 steps (chance is 1/8).
+    """The whole path learns: the demo recipe fits 64 demo images (no augmentation) in 100 steps (chance is 1/8).
 
     (On the full demo set the small ViT needs far longer: see the recipe for the figures.)
     """
@@ -63,11 +63,12 @@ def test_classification_demo_learns_in_a_short_run(tmp_path):
     cmd = mmpretrain_command() + [
         "fit", "--config", str(ROOT / "recipes/classification/demo.yaml"),
         "--data.train_shards", shard, "--data.val_shards", shard, "--data.batch_size", "32",
+        "--data.samples_per_epoch", "3200",  # the shard, redrawn: one epoch of 100 steps
         "--data.num_workers", "1",
         "--data.train_transform", '{"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip": 0.0, "color_jitter": 0.0}',
         "--model.init_args.optimizer.init_args.lr", "0.002",
         "--model.init_args.label_smoothing", "0.0", "--model.init_args.lr_scheduler.init_args.warmup_steps", "10",
-        "--trainer.max_steps", "120", "--trainer.val_check_interval", "60",
+        "--trainer.max_steps", "100", "--trainer.val_check_interval", "100",
         "--trainer.default_root_dir", str(tmp_path), "--checkpoint.every_n_train_steps", "1000",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -76,5 +77,5 @@ def test_classification_demo_learns_in_a_short_run(tmp_path):
     rows = read_metrics(tmp_path)
     accs = [float(r["val/acc1"]) for r in rows if r.get("val/acc1")]
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert accs[-1] > 0.6, accs
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert accs[-1] > 0.5, accs  # 4x chance
+    assert losses[-1] < 0.7 * losses[0], losses
