@@ -90,6 +90,9 @@ class ContrastivePretraining(Task):
             at the largest token id (right only for tokenizers whose end-of-text id is the largest, like
             the CLIP BPE).
         siglip: SigLIP's sigmoid loss and parametrisation (learnable logit bias) instead of CLIP's InfoNCE.
+        class_names: zero-shot class names in label order; linked from the data module by the CLI, which also
+            builds the prompts (``zero_shot_prompts()``: its templates, its tokenizer). Names the classes
+            ``predict`` assigns.
         grad_checkpointing: recompute each block's activations in the backward pass (both towers).
         accumulate_micro_batches: split each batch into this many micro-batches with exact gradient
             accumulation (see the module docstring); the batch size must be divisible by it. The global
@@ -109,6 +112,7 @@ class ContrastivePretraining(Task):
         vocab_size: int | None = None,
         eot_id: int | None = None,
         siglip: bool = False,
+        class_names: list[str] | None = None,
         grad_checkpointing: bool = False,
         accumulate_micro_batches: int = 1,
         max_logit_scale: float = math.log(100),
@@ -138,6 +142,7 @@ class ContrastivePretraining(Task):
         self.vocab_size = vocab_size
         self.eot_id = eot_id
         self.siglip = siglip
+        self.class_names = list(class_names) if class_names is not None else None
         self.grad_checkpointing = grad_checkpointing
         self.accumulate_micro_batches = accumulate_micro_batches
         self.max_logit_scale = max_logit_scale
@@ -433,9 +438,21 @@ class ContrastivePretraining(Task):
             metrics.update(zero_shot_accuracy(image, self._zero_shot_weights.to(image.device), labels))
         return metrics
 
+    def on_predict_epoch_start(self) -> None:
+        self._start_evaluation()
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        image, text, _, _ = self.model(batch["image"], batch["input_ids"])
-        return {"key": batch.get("key"), "image_embeds": image.float().cpu(), "text_embeds": text.float().cpu()}
+        """Unit image and text embeddings of each pair and, where the data module gives zero-shot prompts,
+        each image's zero-shot class (``zero_shot_label``, ``class_name``, ``prob``: softmax over classes)."""
+        image, text, scale, _ = self.model(batch["image"], batch["input_ids"])
+        out: dict[str, Any] = {"key": batch.get("key"), "image_embeds": image.float().cpu(),
+                               "text_embeds": text.float().cpu()}
+        if self._zero_shot_weights is not None:
+            probs = (scale * image.float() @ self._zero_shot_weights.to(image.device).T).softmax(-1)
+            prob, label = probs.max(-1)
+            names = self.class_names or [str(i) for i in range(probs.shape[-1])]
+            out.update(zero_shot_label=label.cpu(), class_name=[names[i] for i in label.tolist()], prob=prob.cpu())
+        return out
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:

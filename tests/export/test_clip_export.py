@@ -120,3 +120,36 @@ def test_the_tokenizer_must_be_the_training_one(tmp_path):
         export_clip(task.model, tmp_path / "b", {"tokenizer": str(tmp_path / "missing")})
     with pytest.raises(ValueError, match="EMA"):
         export_clip(task.model, tmp_path / "c", {"tokenizer": "demo"}, ema=True)
+
+
+# ------------------------------------------------------------------ the CLIP demo recipe end to end
+
+
+def test_demo_recipe_trains_validates_and_exports(tmp_path):
+    """``mmpretrain fit`` on recipes/clip/demo.yaml (a few steps), then the export of its checkpoint."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    fit = [sys.executable, "-m", "mmpretrain", "fit", "--config", str(root / "recipes/clip/demo.yaml"),
+           "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2",
+           "--trainer.default_root_dir", str(tmp_path), "--data.num_workers", "1", "--data.batch_size", "16",
+           "--checkpoint.every_n_train_steps", "4", "--trainer.enable_progress_bar", "false"]
+    proc = subprocess.run(fit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (metrics_csv,) = tmp_path.glob("csv/version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics_csv.open()))
+    acc = [float(r["val/zeroshot_acc1"]) for r in rows if r.get("val/zeroshot_acc1")]
+    recall = [float(r["val/t2i_r10"]) for r in rows if r.get("val/t2i_r10")]
+    assert len(acc) == 1 and 0.0 <= acc[0] <= 1.0 and len(recall) == 1
+    (ckpt,) = tmp_path.glob("tb/version_*/checkpoints/last.ckpt")
+    from transformers import CLIPModel
+
+    from mmpretrain.export import export_checkpoint
+
+    hf = CLIPModel.from_pretrained(export_checkpoint(ckpt, tmp_path / "hf"))
+    assert hf.config.vision_config.image_size == 64 and hf.config.text_config.max_position_embeddings == 32

@@ -222,7 +222,8 @@ def test_fit_takes_the_end_of_text_id_from_the_data_and_validates(tmp_path, imag
     data = ImageTextDataModule(train_shards=train, val_shards=val, tokenizer="demo", context_length=8, image_size=16,
                                label_key="cls", batch_size=8, num_workers=0, mode="epoch")
     torch.manual_seed(0)
-    task = ContrastivePretraining(preset="clip_demo", overrides=TINY, vocab_size=data.vocab_size)
+    task = ContrastivePretraining(preset="clip_demo", overrides=TINY, vocab_size=data.vocab_size,
+                                  class_names=data.class_names)
     trainer = pl.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path, accelerator="cpu", num_sanity_val_steps=0,
                          enable_checkpointing=False)
@@ -236,6 +237,13 @@ def test_fit_takes_the_end_of_text_id_from_the_data_and_validates(tmp_path, imag
     assert metrics["val/i2t_r10"].item() == 1.0  # 10 validation pairs: every match is in the top 10
     # zero-shot top-5 of 3 classes is top-3: always right
     assert metrics["val/zeroshot_acc5"].item() == 1.0
+    # prediction: embeddings of every pair and each image's zero-shot class (the step alone: Lightning's
+    # predict loop cannot re-instantiate the shard loader)
+    task.on_predict_epoch_start()
+    with torch.no_grad():
+        out = task.predict_step(next(iter(data.val_dataloader())), 0)
+    assert out["image_embeds"].shape == (8, 16) and torch.allclose(out["image_embeds"].norm(dim=-1), torch.ones(8))
+    assert set(out["class_name"]) <= {"c0", "c1", "c2"} and ((out["prob"] > 1 / 3) & (out["prob"] <= 1)).all()
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
@@ -302,3 +310,4 @@ def test_zero_shot_weights_average_templates_then_renormalise():
     with torch.no_grad():
         per_prompt = task.model.encode_text(prompts.view(6, 8)).view(3, 2, -1)
     torch.testing.assert_close(weights, F.normalize(per_prompt.mean(1), dim=-1))
+
