@@ -392,14 +392,15 @@ class ShardLoader(DataLoader):
     start (or, with persistent workers, resume), so shuffling differs per epoch either way.
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False, prefetch_factor: int | None = None) -> None:
-        kwargs: dict[str, Any] = {}
+    def __init__(self, dataset: ShardStream, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False, prefetch_factor: int | None = None, **kwargs: Any) -> None:
+        # the signature mirrors DataLoader's, so that Lightning can rebuild the loader (it does for predict)
         if num_workers > 0:
             kwargs["persistent_workers"] = persistent_workers
             kwargs["prefetch_factor"] = prefetch_factor or 2
-        super().__init__(stream, batch_size=None, shuffle=False, num_workers=num_workers,
-                         pin_memory=pin_memory, **kwargs)
+        kwargs.setdefault("batch_size", None)
+        kwargs.pop("shuffle", None)
+        super().__init__(dataset, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
 
     def __iter__(self):
         self.dataset.next_epoch()

@@ -79,3 +79,14 @@ def test_classification_demo_learns_in_a_short_run(tmp_path):
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert accs[-1] > 0.5, accs  # 4x chance
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_predict_runs_through_the_cli(tmp_path):
+    cmd = mmpretrain_command() + [
+        "predict", "--config", str(ROOT / "recipes/classification/demo.yaml"),
+        "--data.num_workers", "0", "--data.batch_size", "8", "--trainer.limit_predict_batches", "2",
+        "--trainer.default_root_dir", str(tmp_path),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
