@@ -35,7 +35,8 @@ def test_two_ranks_two_workers_uneven_shards(tmp_path, mode):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (metrics,) = (tmp_path / "runs").glob("csv/version_*/metrics.csv")
-    rows = list(csv.DictReader(open(metrics)))
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
     steps = max(int(r["step"]) for r in rows if r.get("step"))
     # 46 samples // (2 ranks x 4) = 5 batches per rank per epoch, two epochs
     assert steps == 2 * 5
