@@ -19,16 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
-
-
-def peak_flops() -> float:
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return float("nan")
+from timing import peak_flops, timed
 
 
 def count_flops(model_name: str, batch_size: int, num_classes: int) -> int:
@@ -42,18 +33,6 @@ def count_flops(model_name: str, batch_size: int, num_classes: int) -> int:
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
     return counter.get_total_flops()
-
-
-def timed(step, steps: int, warmup: int) -> list[float]:
-    times = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def bench_timm(model_name: str, batch_size: int, steps: int, warmup: int, num_classes: int) -> dict[str, Any]:

@@ -25,15 +25,10 @@ import time
 from typing import Any
 
 import torch
+from timing import peak_flops, timed
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 OPEN_CLIP_NAMES = {"clip_vit_b16": "ViT-B-16", "clip_vit_b32": "ViT-B-32"}
 VOCAB, CONTEXT, EOT = 49408, 77, 49407
-
-
-def peak_flops() -> float:
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), float("nan"))
 
 
 def synthetic_batch(batch_size: int, device: str = "cuda") -> dict[str, torch.Tensor]:
@@ -62,18 +57,6 @@ def count_flops(preset: str, batch_size: int) -> int:
         img, txt, scale, _ = model(batch["image"], batch["input_ids"])
         clip_loss_from_features(img, txt, scale).backward()
     return counter.get_total_flops()
-
-
-def timed(step, steps: int, warmup: int) -> list[float]:
-    times = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def bench_open_clip(preset: str, batch_size: int, steps: int, warmup: int, fused: bool, gc: bool,
