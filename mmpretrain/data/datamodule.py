@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -41,6 +42,9 @@ class ShardDataModule(pl.LightningDataModule):
         pin_memory: pin batches in page-locked memory; default: when CUDA is available.
         persistent_workers: keep workers alive between epochs.
         prefetch_factor: batches each worker prepares ahead.
+        worker_start_method: how worker processes start: ``"forkserver"`` (the default where available),
+            ``"spawn"`` or ``"fork"``. Forking a process that already runs threads (DDP's communication,
+            loggers) can deadlock a worker at birth; workers started from a fork server cannot.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class ShardDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
+        worker_start_method: Literal["forkserver", "spawn", "fork"] | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("resampled", "epoch"):
@@ -98,6 +103,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
         self.prefetch_factor = prefetch_factor
+        if worker_start_method is None:
+            worker_start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else None
+        self.worker_start_method = worker_start_method
+        self._start_method = worker_start_method if num_workers > 0 else None
         self.stats: dict[str, DataStats] = {}
         self._sources: dict[str, list[ShardSource]] = {}
         self._metadata: dict | None = None
@@ -147,7 +156,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def mapper(self, split: Split, decode) -> SampleMapper:
         """Wrap a picklable ``decode(sample, rng) -> item`` into a process function with skip counting."""
-        return SampleMapper(decode, self.stats.setdefault(split, DataStats()), self.strict, split)
+        return SampleMapper(decode, self.stats.setdefault(split, DataStats(self._start_method)), self.strict, split)
 
     # -- loaders -------------------------------------------------------------------------------------------
     def stream(self, split: Split) -> ShardStream:
@@ -158,7 +167,7 @@ class ShardDataModule(pl.LightningDataModule):
         counts = self.item_counts(split, [c for s in sources for c in s.counts])
         source_ids = [i for i, s in enumerate(sources) for _ in s.urls]
         rank, world_size = self._placement()
-        self.stats.setdefault(split, DataStats())
+        self.stats.setdefault(split, DataStats(self._start_method))
         train = split == "train"
         weights = None
         if train and self.train_weights is not None:
@@ -183,6 +192,7 @@ class ShardDataModule(pl.LightningDataModule):
             stats=self.stats[split],
             strict=self.strict,
             name=split,
+            start_method=self._start_method,
         )
         if train and self.mode == "epoch" and rank == 0:
             repeated, dropped = stream.tail()
@@ -204,6 +214,7 @@ class ShardDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and split == "train",
             prefetch_factor=self.prefetch_factor,
+            multiprocessing_context=self.worker_start_method if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> ShardLoader:

@@ -32,8 +32,9 @@ REASONS = SAMPLE_REASONS + SHARD_REASONS
 class DataStats:
     """Per-reason counters in shared memory (safe to pickle into dataloader workers)."""
 
-    def __init__(self) -> None:
-        self._counts = mp.Array("q", len(REASONS), lock=True)
+    def __init__(self, start_method: str | None = None) -> None:
+        # shared memory of the same multiprocessing context as the workers that will write to it
+        self._counts = mp.get_context(start_method).Array("q", len(REASONS), lock=True)
 
     def add(self, reason: str, n: int = 1) -> None:
         i = REASONS.index(reason) if reason in REASONS else REASONS.index("bad_sample")

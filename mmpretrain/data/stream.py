@@ -115,6 +115,8 @@ class ShardStream(IterableDataset):
         stats: shared skip counters.
         strict: raise on the first bad sample or shard instead of skipping it.
         name: for messages (``"train"``, ``"val"``).
+        start_method: the multiprocessing start method of the DataLoader's workers (shared counters
+            must be made in the same context).
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class ShardStream(IterableDataset):
         stats: DataStats | None = None,
         strict: bool = False,
         name: str = "train",
+        start_method: str | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("resampled", "epoch", "eval"):
@@ -157,10 +160,10 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.num_workers = max(1, num_workers)
-        self.stats = stats if stats is not None else DataStats()
+        self.stats = stats if stats is not None else DataStats(start_method)
         self.strict = strict
         self.name = name
-        self._epoch = mp.Value("q", -1)
+        self._epoch = mp.get_context(start_method).Value("q", -1)
         known = all(c is not None for c in self.counts)
         self.total_samples = sum(self.counts) if known else None  # type: ignore[arg-type]
         self.batches_per_rank: int | None = None

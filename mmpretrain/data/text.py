@@ -72,7 +72,7 @@ class TextDataModule(ShardDataModule):
 
     def process(self, split: Split):
         return TextPacker(self.tokenizer, self.seq_len, self.text_key, self.add_bos,
-                          self.stats.setdefault(split, DataStats()), self.strict, split)
+                          self.stats.setdefault(split, DataStats(self._start_method)), self.strict, split)
 
     def collate_fn(self):
         return collate_text
