@@ -14,6 +14,7 @@ from mmpretrain.models.losses import (
     clip_loss_from_features,
     siglip_loss_from_features,
 )
+from tests.distributed import gloo_group
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -126,8 +127,7 @@ def _single_process(siglip: bool, x_img, x_txt):
 
 
 def _worker(rank: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, init_file):
         g = torch.Generator().manual_seed(1)
         x_img = torch.randn(BATCH, IN_DIM, generator=g, dtype=torch.float64)
         x_txt = torch.randn(BATCH, IN_DIM, generator=g, dtype=torch.float64)
@@ -155,8 +155,6 @@ def _worker(rank: int, init_file: str) -> None:
             assert grads.keys() == ref_grads.keys()
             for pname, grad in grads.items():
                 torch.testing.assert_close(grad, ref_grads[pname], msg=f"{name}: DDP grad of {pname}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_match_the_single_process_global_batch(tmp_path):

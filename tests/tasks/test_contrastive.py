@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from mmpretrain.data.image_text import ImageTextDataModule
 from mmpretrain.optim import WarmupCosine
 from mmpretrain.tasks.contrastive import ContrastivePretraining, retrieval_recall, zero_shot_accuracy
+from tests.distributed import gloo_group
 
 TINY = dict(
     embed_dim=16,
@@ -83,8 +84,7 @@ WORLD, BATCH = 2, 8
 
 
 def _worker(rank: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, init_file):
         batch = pairs(BATCH)
         local = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         local_batch = {k: v[local] for k, v in batch.items()}
@@ -134,8 +134,6 @@ def _worker(rank: int, init_file: str) -> None:
             assert metrics.keys() == expected.keys()
             for name, value in expected.items():
                 torch.testing.assert_close(metrics[name], value, msg=name)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_train_on_the_global_batch(tmp_path):
