@@ -1,0 +1,150 @@
+"""The bidirectional Mamba mixer of Vision Mamba (Vim's "v2" block), on our selective scan op.
+
+One input projection makes the scan input ``x`` and the gate ``z``; each direction has its own
+depthwise causal conv1d, ``x_proj`` (to dt, B, C), ``dt_proj``, ``A_log`` and ``D``; the backward
+direction reads the flipped sequence. Both directions are gated by the same ``silu(z)`` (fused into the
+scan through its ``z`` argument), averaged, and projected back by one shared output projection.
+Parameter names follow Vim's (``conv1d_b``, ``x_proj_b``, ``dt_proj_b``, ``A_b_log``, ``D_b``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpretrain.ops.selective_scan import selective_scan
+
+
+def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """Depthwise causal convolution of ``x`` (batch, channels, L): output t sees inputs t-k+1 .. t only.
+
+    ``conv`` pads k-1 zeros on both sides; keeping the first L outputs drops what saw the right padding.
+    """
+    return conv(x)[..., : x.shape[-1]]
+
+
+def init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+    """Fill ``bias`` so that softplus(bias) is dt drawn log-uniformly in [dt_min, dt_max] (clamped at the floor)."""
+    with torch.no_grad():
+        log_dt = torch.rand_like(bias, dtype=torch.float32) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=dt_init_floor)
+        # softplus^-1(dt) = log(exp(dt) - 1) = dt + log(1 - exp(-dt)), stable for small dt
+        bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+class BiMambaMixer(nn.Module):
+    """Bidirectional Mamba mixer (Vim v2): (batch, L, d_model) -> (batch, L, d_model).
+
+    Initialisation, the same for both directions: ``A = -exp(A_log)`` with ``A_log[d] = log(1..d_state)``
+    (S4D-real); ``dt_proj.weight`` uniform in +-dt_rank^-0.5 * dt_scale; ``dt_proj.bias`` the inverse
+    softplus of dt drawn log-uniformly in [dt_min, dt_max]; ``D = 1``. Vim's own code initialises the
+    backward direction's ``dt_proj_b.bias`` like any linear bias, to zero (so softplus gives dt = 0.69 for
+    every channel); we initialise it like the forward one, as Mamba intends.
+
+    Args:
+        d_model: model width (input and output channels).
+        d_state: state size N per channel.
+        d_conv: width of the causal depthwise convolution.
+        expand: inner width is ``expand * d_model``.
+        dt_rank: rank of the dt projection; None for Mamba's ``ceil(d_model / 16)``.
+        dt_min: smallest initial dt.
+        dt_max: largest initial dt.
+        dt_init_floor: initial dt is clamped to at least this.
+        dt_scale: scale of the dt projection's initial weights.
+        conv_bias: bias in the depthwise convolutions.
+        bias: bias in the input and output projections.
+        backend: selective scan backend ("auto", "reference", "torch", "triton", "mamba_ssm"; see
+            :func:`mmpretrain.ops.selective_scan.selective_scan`).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        conv_bias: bool = True,
+        bias: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if d_model < 1 or d_state < 1 or d_conv < 1 or expand < 1:
+            raise ValueError(f"BiMambaMixer: d_model, d_state, d_conv and expand must be positive, got "
+                             f"{d_model}, {d_state}, {d_conv}, {expand}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"BiMambaMixer: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = dt_rank if dt_rank is not None else math.ceil(d_model / 16)
+        self.dt_min, self.dt_max, self.dt_init_floor, self.dt_scale = dt_min, dt_max, dt_init_floor, dt_scale
+        self.backend = backend
+        E, R, N = self.d_inner, self.dt_rank, d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
+        for suffix in ("", "_b"):
+            self.add_module(f"conv1d{suffix}", nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias))
+            self.add_module(f"x_proj{suffix}", nn.Linear(E, R + 2 * N, bias=False))
+            self.add_module(f"dt_proj{suffix}", nn.Linear(R, E, bias=True))
+        self.A_log = nn.Parameter(torch.empty(E, N))
+        self.A_b_log = nn.Parameter(torch.empty(E, N))
+        self.D = nn.Parameter(torch.empty(E))
+        self.D_b = nn.Parameter(torch.empty(E))
+        self.out_proj = nn.Linear(E, d_model, bias=bias)
+        self.reset_ssm_parameters()
+
+    def reset_ssm_parameters(self) -> None:
+        """Mamba's initialisation of dt_proj, A_log and D, for both directions (see the class docstring)."""
+        std = self.dt_rank**-0.5 * self.dt_scale
+        with torch.no_grad():
+            for dt_proj in (self.dt_proj, self.dt_proj_b):
+                nn.init.uniform_(dt_proj.weight, -std, std)
+                init_dt_bias(dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
+            A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+            for A_log in (self.A_log, self.A_b_log):
+                A_log.copy_(torch.log(A).expand_as(A_log))
+            self.D.fill_(1.0)
+            self.D_b.fill_(1.0)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of the parameters that take no weight decay."""
+        return {"A_log", "A_b_log", "D", "D_b"}
+
+    def _scan(self, x: torch.Tensor, z: torch.Tensor, suffix: str) -> torch.Tensor:
+        """One direction: conv, projections and the gated selective scan. x, z (batch, E, L) -> (batch, E, L)."""
+        conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
+        x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
+        dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
+        A_log: torch.Tensor = self.A_log if not suffix else self.A_b_log
+        D: torch.Tensor = self.D if not suffix else self.D_b
+        x = F.silu(causal_conv1d(x, conv))
+        x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (batch, E, L); the bias goes in as delta_bias
+        A = -torch.exp(A_log.float())
+        return selective_scan(
+            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=D.float(), z=z,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model)."""
+        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
+        x, z = xz.chunk(2, dim=1)
+        y_fwd = self._scan(x, z, "")
+        y_bwd = self._scan(x.flip(-1), z.flip(-1), "_b").flip(-1)
+        y = (y_fwd + y_bwd) * 0.5  # Vim's "if_devide_out": the mean of the two directions
+        return self.out_proj(y.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
+                f"dt_rank={self.dt_rank}, backend={self.backend!r}")
