@@ -26,6 +26,11 @@ def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return conv(x)[..., : x.shape[-1]]
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 if it is float64 (the scan's parameters are used in full precision)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
     """Fill ``bias`` so that softplus(bias) is dt drawn log-uniformly in [dt_min, dt_max] (clamped at the floor)."""
     with torch.no_grad():
@@ -130,10 +135,10 @@ class BiMambaMixer(nn.Module):
         x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (batch, E, L); the bias goes in as delta_bias
-        A = -torch.exp(A_log.float())
+        A = -torch.exp(at_least_fp32(A_log))
         return selective_scan(
-            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=D.float(), z=z,
-            delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,
+            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=at_least_fp32(D), z=z,
+            delta_bias=at_least_fp32(dt_proj.bias), delta_softplus=True, backend=self.backend,
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
