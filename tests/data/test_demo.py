@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -89,17 +90,23 @@ def test_pictures_differ_and_captions_vary(small_set: Path):
     train = samples(small_set, "images/train")
     assert len({s["jpg"] for s in train}) == len(train)
     captions = [s["txt"].decode() for s in train]
-    assert len(set(captions)) == len(captions)
-    # most captions name the colour; many name the position and the background
+    assert len(set(captions)) > 0.8 * len(captions)
+    # every caption names the colour and the shape; the other attributes at about their rates
     metas = [json.loads(s["json"]) for s in train]
-    assert sum(m["color"] in c for m, c in zip(metas, captions)) > 0.9 * len(train)
-    assert sum("background" in c or "gradient" in c or "backdrop" in c for c in captions) > 0.4 * len(train)
+    assert all(m["color"] in c.lower() and m["class_name"] in c for m, c in zip(metas, captions))
+    many = [demo.caption(demo.sample_scene(demo._rng(1, i), i % 8), demo._rng(2, i)) for i in range(2000)]
+    rates = {
+        "size": sum(bool(re.search(r"\b(small|little|medium|mid-sized|large|big)\b", c)) for c in many) / 2000,
+        "background": sum(("background" in c or "gradient" in c or "backdrop" in c) for c in many) / 2000,
+    }
+    for name, rate in rates.items():
+        assert abs(rate - demo.CAPTION_MENTIONS[name]) < 0.05, (name, rate)
 
 
 def test_classes_are_balanced():
-    labels = [demo._labels(0, "train", i) for i in range(4000)]
+    labels = [demo._labels(0, "train", i) for i in range(16000)]
     counts = Counter(labels)
-    assert set(counts) == set(range(len(SHAPES))) and set(counts.values()) == {500}
+    assert set(counts) == set(range(len(SHAPES))) and set(counts.values()) == {2000}
     attrs = [demo.sample_scene(demo._rng(0, i), 0) for i in range(2000)]
     for values, field in ((COLORS, "color"), (SIZES, "size"), (POSITIONS, "position")):
         counts = Counter(getattr(a, field) for a in attrs)
@@ -132,9 +139,10 @@ def test_text_documents_vary_in_length_and_kind(small_set: Path):
 def test_tokenizer_is_trained_on_the_set(small_set: Path):
     tok = Tokenizer.from_dir(small_set / "tokenizer")
     assert 300 < tok.vocab_size <= 400
-    caption = samples(small_set, "images/val")[0]["txt"].decode()
-    assert tok.decode(tok.encode(caption)) == caption
-    assert len(tok.encode(caption)) < len(caption) / 2  # merges learnt from the demo's words
+    captions = [s["txt"].decode() for s in samples(small_set, "images/val")]
+    assert all(tok.decode(tok.encode(c)) == c for c in captions)
+    # merges learnt from the demo's words (only ~140 in this small vocabulary): far fewer tokens than bytes
+    assert sum(len(tok.encode(c)) for c in captions) < 0.6 * sum(len(c) for c in captions)
 
 
 def test_number_words():
@@ -219,10 +227,10 @@ def test_full_default_set_through_the_cache_and_make_demo(tmp_path: Path, monkey
     assert demo.demo_root() == root
     assert make_demo.main([]) == 0
     out = capsys.readouterr().out
-    assert f"in {root}: written in" in out and "demo:images/train  8 shards, 4000 samples" in out
+    assert f"in {root}: written in" in out and "demo:images/train  8 shards, 16000 samples" in out
     assert make_demo.main([]) == 0 and "already there" in capsys.readouterr().out
 
-    expected = {"images/train": (8, 500), "images/val": (2, 250), "text/train": (4, 500), "text/val": (1, 250)}
+    expected = {"images/train": (8, 2000), "images/val": (2, 250), "text/train": (4, 500), "text/val": (1, 250)}
     for name, (shards, per_shard) in expected.items():
         urls = expand_pattern(f"demo:{name}")  # as the data layer resolves it
         assert urls == demo.demo_shards(name) and len(urls) == shards
