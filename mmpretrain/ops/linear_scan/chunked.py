@@ -13,18 +13,21 @@ states entering each chunk are needed: the chunk-end states obey the same recurr
     H_k = lam^T H_{k-1} + e_k,
 
 which is a scan of length L / T, done by the same function (a second level, a third for very long
-sequences): depth log_T(L), each level one matrix product. Finally h_i += lam^(i+1) H_{k-1}. ``reverse``
-uses the upper-triangular matrix and carries from the right instead.
+sequences): depth log_T(L), each level one matrix product. Finally h_i += lam^(i+1) H_{k-1}, a second
+small product fused into the first (``baddbmm``). ``reverse`` uses the upper-triangular matrix and
+carries from the right instead.
 
-No cumulative sums or divisions by powers of lam: every power is a product of factors of modulus <= 1
-(the LRU's stable regime), so nothing overflows and nothing cancels. Working memory is O(batch * L * N)
-(a permuted copy of x and the states) plus the (N, 2T, 2T) matrix: never (batch, L, N, T) or more.
-Plain autograd differentiates it (the backward is again matrix products of the same size).
+No cumulative sums and no divisions by powers of lam: the powers (computed once per level, in polar form
+in float64) have modulus <= 1 in the LRU's stable regime, so nothing overflows and nothing cancels.
+Working memory is O(batch * L * N) (a permuted copy of x and the states) plus the (N, 2T, 2T) matrix:
+never (batch, L, N, T) or more. Autograd differentiates it (the backward is again matrix products of
+the same size; only the powers have a hand-written backward). All arithmetic is real: under
+torch.compile the whole scan is traced into one graph with nothing complex in it.
 
 Precision: computed in float32 (float64 for double-precision inputs) with autocast switched off, so a
 bf16-autocast model still scans in float32. On GPUs the float32 matrix product follows
 ``torch.backends.cuda.matmul.allow_tf32`` (``torch.set_float32_matmul_precision("high")`` turns TF32 on):
-then states carry about 1e-3 relative error, below bf16's resolution.
+then states carry about 3e-4 relative error (measured, H200), below bf16's resolution.
 """
 
 from __future__ import annotations
@@ -51,75 +54,118 @@ def auto_chunk_size(L: int) -> int:
     return max(t, 2)
 
 
-def cmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Complex product of real pairs (..., 2) (broadcasting)."""
-    ar, ai = a.unbind(-1)
-    br, bi = b.unbind(-1)
-    return torch.stack((ar * br - ai * bi, ar * bi + ai * br), dim=-1)
+class _Powers(torch.autograd.Function):
+    """Real pairs (N, 2) -> (N, count, 2): lam^0 .. lam^(count-1), in polar form computed in float64.
+
+    |lam|^k (cos k phi, sin k phi) is accurate to float64 rounding whatever k (a running product in float32
+    would drift by k roundings), stays real arithmetic (nothing complex for torch.compile), and lam = 0
+    gives 1, 0, 0, ... The backward uses d lam^k / d lam = k lam^(k-1), read off the powers themselves, so
+    it is exact at lam = 0 too (where the polar angle has no derivative).
+    """
+
+    @staticmethod
+    def forward(lam: torch.Tensor, count: int) -> torch.Tensor:
+        lam64 = lam.double()
+        mod = torch.hypot(lam64[:, 0], lam64[:, 1])[:, None]
+        phase = torch.atan2(lam64[:, 1], lam64[:, 0])[:, None]
+        k = torch.arange(count, device=lam.device, dtype=torch.float64)
+        mag = mod.pow(k)
+        return torch.stack((mag * torch.cos(phase * k), mag * torch.sin(phase * k)), dim=-1).to(lam.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (p,) = ctx.saved_tensors
+        k = torch.arange(1, p.shape[1], device=p.device, dtype=p.dtype)[:, None]
+        da = p[:, :-1] * k  # k lam^(k-1) = a + ib, for k = 1 .. count-1
+        gu, gv = grad[:, 1:, 0], grad[:, 1:, 1]
+        # lam^k is holomorphic: d(u + iv)/d re(lam) = a + ib and d(u + iv)/d im(lam) = i (a + ib)
+        g_re = (gu * da[..., 0] + gv * da[..., 1]).sum(dim=1)
+        g_im = (gv * da[..., 0] - gu * da[..., 1]).sum(dim=1)
+        return torch.stack((g_re, g_im), dim=-1), None
 
 
 def powers(lam: torch.Tensor, count: int) -> torch.Tensor:
-    """(N, 2) -> (N, count, 2): lam^0 .. lam^(count-1), by doubling (log2(count) products, exact at lam = 0)."""
-    p = torch.stack((torch.ones_like(lam[:, 0]), torch.zeros_like(lam[:, 0])), dim=-1)[:, None]  # (N, 1, 2)
-    step = lam  # lam^(p.shape[1])
-    while p.shape[1] < count:
-        p = torch.cat((p, cmul(p, step[:, None])), dim=1)
-        if p.shape[1] < count:
-            step = cmul(step, step)
-    return p[:, :count]
+    """Real pairs (N, 2) -> (N, count, 2): lam^0 .. lam^(count-1) (see :class:`_Powers`)."""
+    return _Powers.apply(lam, count)
 
 
-def toeplitz_block(p: torch.Tensor, T: int, reverse: bool) -> torch.Tensor:
-    """(N, >=T, 2) powers -> (N, 2T, 2T) real block [[Re W, -Im W], [Im W, Re W]].
+def _make_matrix_index(T: int, reverse: bool, device: torch.device) -> torch.Tensor:
+    """Flat indices into the table of :func:`matrices` for its (2T, 2T + 2) result (see there)."""
+    r = torch.arange(2 * T, device=device)
+    c, t = r // T, r % T  # row r holds part c (0 real, 1 imaginary) of step t
+    # which entry of [re, im, -im, 0] each (out part, in part) takes: [[re, -im], [im, re]]
+    part = torch.tensor([[0, 2], [1, 0]], device=device)
+    k = (t[None, :] - t[:, None]) if reverse else (t[:, None] - t[None, :])  # power of lam in W[row, col]
+    w_idx = torch.where(k >= 0, 4 * k + part[c[:, None], c[None, :]], 3)  # 3: the zero slot
+    # decay of the carried state at step t: lam^(t+1) forward, lam^(T-t) in reverse
+    kd = (T - t) if reverse else (t + 1)
+    d_idx = 4 * kd[:, None] + part[c[:, None], torch.arange(2, device=device)[None, :]]
+    return torch.cat((w_idx, d_idx), dim=1).flatten()
 
-    W[i, j] = lam^(i-j) for i >= j (0 above the diagonal); transposed for ``reverse``.
+
+_INDEX_CACHE: dict[tuple[int, bool, torch.device], torch.Tensor] = {}
+
+
+def matrix_index(T: int, reverse: bool, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # built in the graph (a cached tensor would leak out of tracing)
+        return _make_matrix_index(T, reverse, device)
+    key = (T, reverse, device)
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = _make_matrix_index(T, reverse, device)
+    return _INDEX_CACHE[key]
+
+
+def matrices(p: torch.Tensor, T: int, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Powers (N, T+1, 2) -> the real blocks W (N, 2T, 2T) and D (N, 2T, 2), gathered in one op.
+
+    W is the chunk's Toeplitz matrix as the real block [[Re, -Im], [Im, Re]], W[i, j] = lam^(i-j) for
+    i >= j (transposed for reverse); rows and columns are ordered (part, step). D maps the (real, imag)
+    state entering the chunk to its contribution at each step: lam^(t+1) (lam^(T-t) in reverse).
     """
     N = p.shape[0]
-    # q[m] = lam^(T-1-m) for m < T, 0 after: row i of W is q[T-1-i : 2T-1-i]
-    q = torch.cat((p[:, :T].flip(1), p.new_zeros(N, T - 1, 2)), dim=1)  # (N, 2T-1, 2)
-    W = q.unfold(1, T, 1).flip(1)  # (N, T rows, 2, T cols): window s = T-1-i starts at q[T-1-i]
-    Wr, Wi = W[:, :, 0], W[:, :, 1]  # (N, T, T)
-    if reverse:
-        Wr, Wi = Wr.transpose(1, 2), Wi.transpose(1, 2)
-    return torch.cat((torch.cat((Wr, -Wi), dim=2), torch.cat((Wi, Wr), dim=2)), dim=1)
+    table = torch.cat((p, -p[..., 1:], torch.zeros_like(p[..., :1])), dim=-1).reshape(N, 4 * (T + 1))
+    both = table.index_select(1, matrix_index(T, reverse, p.device)).view(N, 2 * T, 2 * T + 2)
+    return both[..., : 2 * T], both[..., 2 * T:]
 
 
-def scan_pairs(lam: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None, reverse: bool, T: int) -> torch.Tensor:
-    """The chunked scan on real pairs, all in one dtype: lam (N, 2), x (batch, L, N, 2), h0 (batch, N, 2) or None.
+def chunk_scan(lam: torch.Tensor, xs: torch.Tensor, h0s: torch.Tensor | None, reverse: bool, T: int):
+    """One level. lam (N, 2); xs (N, 2, L, M) real (any strides); h0s (N, 2, M) or None.
 
-    Returns the states (batch, L, N, 2).
+    Returns the states as (N, 2, T, nc, M) (step t of chunk k at [:, :, t, k]) and the padding added
+    (at the end of the sequence, or at its front in reverse).
     """
-    batch, L, N, _ = x.shape
-    if L == 0:
-        return x.new_zeros(batch, 0, N, 2)
+    N, _, L, M = xs.shape
     nc = math.ceil(L / T)
     pad = nc * T - L
     if pad:  # zeros where the scan ends (reverse: at the front), so they never reach a real step
-        x = F.pad(x, (0, 0, 0, 0, pad, 0) if reverse else (0, 0, 0, 0, 0, pad))
-    p = powers(lam, T + 1)  # lam^0 .. lam^T
-    W = toeplitz_block(p, T, reverse)  # (N, 2T, 2T)
-    cols = x.reshape(batch, nc, T, N, 2).permute(3, 4, 2, 0, 1).reshape(N, 2 * T, batch * nc)
-    local = torch.bmm(W, cols).view(N, 2, T, batch, nc).permute(3, 4, 2, 0, 1)  # (batch, nc, T, N, 2)
-    if nc == 1 and h0 is None:
-        h = local
-    else:
-        zero = x.new_zeros(batch, 1, N, 2)
-        start = zero if h0 is None else h0[:, None]
+        xs = F.pad(xs, (0, 0, pad, 0) if reverse else (0, 0, 0, pad))
+    p = powers(lam, T + 1)
+    W, D = matrices(p, T, reverse)
+    cols = xs.unflatten(2, (nc, T)).transpose(2, 3).reshape(N, 2 * T, nc * M)  # columns: (chunk, row)
+    local = torch.bmm(W, cols)  # states with zero state entering each chunk
+    if nc > 1 or h0s is not None:
+        local5 = local.view(N, 2, T, nc, M)
+        start = h0s[:, :, None] if h0s is not None else local.new_zeros(N, 2, 1, M)
         if nc == 1:
-            carry = start  # (batch, 1, N, 2): the state entering each chunk
-        elif reverse:
-            ends = local[:, 1:, 0]  # chunk k's state at its first step, k = 1..nc-1
-            carry = torch.cat((scan_pairs(p[:, T], ends, h0, True, T), start), dim=1)
-        else:
-            ends = local[:, :-1, T - 1]  # chunk k's state at its last step, k = 0..nc-2
-            carry = torch.cat((start, scan_pairs(p[:, T], ends, h0, False, T)), dim=1)
-        # how far the carried state decays by step i of the chunk: lam^(i+1), or lam^(T-i) in reverse
-        decay = p[:, 1:].flip(1) if reverse else p[:, 1:]  # (N, T, 2)
-        h = local + cmul(decay.transpose(0, 1), carry[:, :, None])
-    h = h.reshape(batch, nc * T, N, 2)
-    if pad:
-        h = h[:, pad:] if reverse else h[:, :L]
-    return h
+            carry = start
+        elif reverse:  # chunk ends: each chunk's state at its first step, carried right to left with lam^T
+            carry = torch.cat((scan_levels(p[:, T], local5[:, :, 0, 1:], h0s, True, T), start), dim=2)
+        else:  # each chunk's state at its last step, carried left to right
+            carry = torch.cat((start, scan_levels(p[:, T], local5[:, :, T - 1, :-1], h0s, False, T)), dim=2)
+        local = torch.baddbmm(local, D, carry.reshape(N, 2, nc * M))
+    return local.view(N, 2, T, nc, M), pad
+
+
+def scan_levels(lam: torch.Tensor, xs: torch.Tensor, h0s: torch.Tensor | None, reverse: bool, T: int) -> torch.Tensor:
+    """The scan of xs (N, 2, L, M) as (N, 2, L, M), recursing over chunk ends (depth log_T(L))."""
+    L = xs.shape[2]
+    h5, pad = chunk_scan(lam, xs, h0s, reverse, T)
+    h = h5.transpose(2, 3).flatten(2, 3)
+    return h[:, :, pad:] if reverse else h[:, :, :L]
 
 
 def linear_scan_chunked(
@@ -146,15 +192,24 @@ def linear_scan_chunked(
 
     with torch.autocast(x.device.type, enabled=False):
         lam_p, x_p, h0_p = as_pairs(lam), as_pairs(x), as_pairs(h0)
-        T = chunk_size or auto_chunk_size(x_p.shape[1])
-        h = scan_pairs(lam_p, x_p, h0_p, reverse, T)
+        batch, L, N, _ = x_p.shape
+        if L == 0:
+            h = x_p.new_zeros(batch, 0, N, 2)
+        else:
+            T = chunk_size or auto_chunk_size(L)
+            # (N, 2, L, batch): channels are the batch of the matrix products, (chunk, batch row) their columns
+            h5, pad = chunk_scan(lam_p, x_p.permute(2, 3, 1, 0), None if h0_p is None else h0_p.permute(1, 2, 0),
+                                 reverse, T)
+            h = h5.permute(4, 3, 2, 0, 1).reshape(batch, -1, N, 2)
+            if pad:
+                h = (h[:, pad:] if reverse else h[:, :L]).contiguous()
         if return_last_state:
-            if h.shape[1] == 0:
-                last = h0_p if h0_p is not None else h.new_zeros(h.shape[0], h.shape[2], 2)
+            if L == 0:
+                last = h0_p if h0_p is not None else h.new_zeros(batch, N, 2)
             else:
                 last = h[:, 0] if reverse else h[:, -1]
     if not pairs:
-        h = torch.view_as_complex(h.contiguous())
+        h = torch.view_as_complex(h)
         if return_last_state:
             last = torch.view_as_complex(last.contiguous())
     return (h, last) if return_last_state else h
