@@ -115,13 +115,16 @@ class LRU(nn.Module):
         batch, L, H = u.shape
         N = self.d_state
         gamma = torch.exp(self.gamma_log)[:, None]
-        # one real projection to the (real, imaginary) pairs of gamma * B u, interleaved per state channel
+        # one real projection to the (real, imaginary) pairs of gamma * B u, rows interleaved per state channel,
+        # written channels first, (2N, batch * L): the scan's own layout, so it transposes nothing
         w_in = torch.stack((self.B_re * gamma, self.B_im * gamma), dim=1).reshape(2 * N, H)
-        bu = F.linear(u, w_in).view(batch, L, N, 2)
-        h = linear_scan(self.lam(), bu, reverse=reverse, backend=self.backend, chunk_size=self.chunk_size)
-        # Re(C h) = C_re h_re - C_im h_im, again one real projection
+        bu = torch.matmul(w_in, u.reshape(batch * L, H).t()).view(N, 2, batch, L)
+        h = linear_scan(self.lam(), bu, reverse=reverse, backend=self.backend, chunk_size=self.chunk_size,
+                        channels_first=True)
+        # Re(C h) = C_re h_re - C_im h_im, again one real projection, reading the states channels first
         w_out = torch.stack((self.C_re, -self.C_im), dim=-1).reshape(H, 2 * N)
-        y = F.linear(h.reshape(batch, L, 2 * N).to(w_out.dtype), w_out)  # (autocast still casts to bf16)
+        h = h.reshape(2 * N, batch * L).to(w_out.dtype)  # (autocast still casts to bf16)
+        y = torch.matmul(h.t(), w_out.t()).view(batch, L, H)
         return y + u * self.D.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -47,15 +47,25 @@ def lam_pair(nu_log, theta_log):
 
 
 def run_with_grads(fn, leaves, form, reverse, seed=1):
-    """fn(lam, x, h0, reverse=, return_last_state=True) in the given form; returns values and leaf gradients."""
+    """fn(lam, x, h0, reverse=, return_last_state=True) in the given form; returns values and leaf gradients.
+
+    Forms: "complex", "pairs" (batch, L, N, 2), "channels_first" pairs (N, 2, batch, L); values are
+    returned as pairs (batch, L, N, 2) whatever the form.
+    """
     lam, x, h0 = lam_pair(leaves["nu_log"], leaves["theta_log"]), leaves["x"], leaves["h0"]
+    kwargs = {}
     if form == "complex":
         lam, x = torch.view_as_complex(lam), torch.view_as_complex(x)
         h0 = torch.view_as_complex(h0) if h0 is not None else None
-    h, last = fn(lam, x, h0, reverse=reverse, return_last_state=True)
+    elif form == "channels_first":
+        x, h0, kwargs = x.permute(2, 3, 0, 1), (h0.permute(1, 2, 0) if h0 is not None else None), {"channels_first": True}
+    h, last = fn(lam, x, h0, reverse=reverse, return_last_state=True, **kwargs)
     assert h.is_complex() == (form == "complex") and last.is_complex() == (form == "complex")
     if form == "complex":
         h, last = torch.view_as_real(h), torch.view_as_real(last)
+    elif form == "channels_first":
+        assert h.shape == x.shape and h.is_contiguous()
+        h, last = h.permute(2, 3, 0, 1), last.permute(2, 0, 1)
     g = torch.Generator().manual_seed(seed)
     wh = torch.randn(h.shape, generator=g, dtype=torch.float64).to(h.device)
     wl = torch.randn(last.shape, generator=g, dtype=torch.float64).to(h.device)
@@ -66,10 +76,10 @@ def run_with_grads(fn, leaves, form, reverse, seed=1):
 
 
 def reference_of(leaves, form, reverse):
-    """The reference in float64 on the same (possibly rounded) leaves."""
+    """The reference in float64 on the same (possibly rounded) leaves (channels first: in the usual layout)."""
     leaves64 = {k: (v.detach().double().cpu().requires_grad_(True) if v is not None else None)
                 for k, v in leaves.items()}
-    return run_with_grads(linear_scan_reference, leaves64, form, reverse)
+    return run_with_grads(linear_scan_reference, leaves64, "pairs" if form == "channels_first" else form, reverse)
 
 
 def assert_matches(got, expected, rtol, what):
@@ -88,6 +98,16 @@ def torch_backend(chunk_size=None):
 
 
 # --- the reference itself -------------------------------------------------------------------------
+
+
+def test_reference_channels_first():
+    t = make_inputs(2, 5, 3, seed=2)
+    lam, x, h0 = lam_pair(t["nu_log"], t["theta_log"]), t["x"], t["h0"]
+    for reverse in (False, True):
+        h, last = linear_scan_reference(lam, x, h0, reverse=reverse, return_last_state=True)
+        hc, lastc = linear_scan_reference(lam, x.permute(2, 3, 0, 1), h0.permute(1, 2, 0), reverse=reverse,
+                                          return_last_state=True, channels_first=True)
+        assert torch.equal(hc, h.permute(2, 3, 0, 1)) and torch.equal(lastc, last.permute(1, 2, 0))
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -110,7 +130,7 @@ def test_reference_matches_scalar_loop(reverse):
 # --- torch (chunked) backend -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["complex", "pairs"])
+@pytest.mark.parametrize("form", ["complex", "pairs", "channels_first"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("L", [1, 7, 197, 1000])
 def test_torch_backend_matches_reference(L, reverse, form):
@@ -124,8 +144,8 @@ def test_torch_backend_matches_reference(L, reverse, form):
 def test_torch_backend_chunk_sizes(chunk_size, reverse):
     """Small chunks recurse over several levels of chunk ends; large ones leave one padded chunk."""
     t = make_inputs(2, 130, 3, seed=chunk_size)
-    got = run_with_grads(torch_backend(chunk_size), t, "pairs", reverse)
-    assert_matches(got, reference_of(t, "pairs", reverse), RTOL[torch.float64], f"chunk_size={chunk_size}")
+    got = run_with_grads(torch_backend(chunk_size), t, "channels_first", reverse)
+    assert_matches(got, reference_of(t, "channels_first", reverse), RTOL[torch.float64], f"chunk_size={chunk_size}")
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -226,6 +246,10 @@ def test_dispatch_and_errors_name_the_argument():
         linear_scan(lam, x.real)
     with pytest.raises(ValueError, match="chunk_size must be at least 2"):
         linear_scan(lam, x, chunk_size=1)
+    with pytest.raises(ValueError, match=r"^linear_scan: with channels_first=True, x must be real pairs"):
+        linear_scan(lam, x, channels_first=True)
+    with pytest.raises(ValueError, match=r"^linear_scan: h0 must have shape \(3, 2, 2\)"):
+        linear_scan(torch.view_as_real(lam), torch.zeros(3, 2, 2, 5), torch.zeros(2, 3, 2), channels_first=True)
 
 
 # --- memory: nothing of size (batch, L, N, T) --------------------------------------------------------

@@ -94,17 +94,17 @@ def powers(lam: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _make_matrix_index(T: int, reverse: bool, device: torch.device) -> torch.Tensor:
-    """Flat indices into the table of :func:`matrices` for its (2T, 2T + 2) result (see there)."""
+    """Flat indices into the table of :func:`matrices` for its (2T + 2, 2T) result (see there)."""
     r = torch.arange(2 * T, device=device)
-    c, t = r // T, r % T  # row r holds part c (0 real, 1 imaginary) of step t
-    # which entry of [re, im, -im, 0] each (out part, in part) takes: [[re, -im], [im, re]]
-    part = torch.tensor([[0, 2], [1, 0]], device=device)
-    k = (t[None, :] - t[:, None]) if reverse else (t[:, None] - t[None, :])  # power of lam in W[row, col]
+    c, t = r // T, r % T  # output column r holds part c (0 real, 1 imaginary) of step t
+    # which entry of [re, im, -im, 0] each (in part, out part) takes: re->re re, im->re -im, re->im im, im->im re
+    part = torch.tensor([[0, 1], [2, 0]], device=device)
+    k = (t[:, None] - t[None, :]) if reverse else (t[None, :] - t[:, None])  # power of lam from step row to col
     w_idx = torch.where(k >= 0, 4 * k + part[c[:, None], c[None, :]], 3)  # 3: the zero slot
     # decay of the carried state at step t: lam^(t+1) forward, lam^(T-t) in reverse
     kd = (T - t) if reverse else (t + 1)
-    d_idx = 4 * kd[:, None] + part[c[:, None], torch.arange(2, device=device)[None, :]]
-    return torch.cat((w_idx, d_idx), dim=1).flatten()
+    d_idx = 4 * kd[None, :] + part[torch.arange(2, device=device)[:, None], c[None, :]]
+    return torch.cat((w_idx, d_idx), dim=0).flatten()
 
 
 _INDEX_CACHE: dict[tuple[int, bool, torch.device], torch.Tensor] = {}
@@ -120,52 +120,56 @@ def matrix_index(T: int, reverse: bool, device: torch.device) -> torch.Tensor:
 
 
 def matrices(p: torch.Tensor, T: int, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Powers (N, T+1, 2) -> the real blocks W (N, 2T, 2T) and D (N, 2T, 2), gathered in one op.
+    """Powers (N, T+1, 2) -> the real blocks W (N, 2T, 2T) and D (N, 2, 2T), gathered in one op.
 
-    W is the chunk's Toeplitz matrix as the real block [[Re, -Im], [Im, Re]], W[i, j] = lam^(i-j) for
-    i >= j (transposed for reverse); rows and columns are ordered (part, step). D maps the (real, imag)
-    state entering the chunk to its contribution at each step: lam^(t+1) (lam^(T-t) in reverse).
+    They act from the right on rows of (real parts of T steps, imaginary parts of T steps): W is the
+    chunk's Toeplitz matrix as a real block, row (c, j) and column (c', i) holding part c -> c' of
+    lam^(i-j) for i >= j (j >= i in reverse), i.e. [[Re, Im], [-Im, Re]]. D maps the (real, imaginary)
+    state entering the chunk to its contribution at each step: lam^(i+1) (lam^(T-i) in reverse).
     """
     N = p.shape[0]
     table = torch.cat((p, -p[..., 1:], torch.zeros_like(p[..., :1])), dim=-1).reshape(N, 4 * (T + 1))
-    both = table.index_select(1, matrix_index(T, reverse, p.device)).view(N, 2 * T, 2 * T + 2)
-    return both[..., : 2 * T], both[..., 2 * T:]
+    both = table.index_select(1, matrix_index(T, reverse, p.device)).view(N, 2 * T + 2, 2 * T)
+    return both[:, : 2 * T], both[:, 2 * T:]
 
 
 def chunk_scan(lam: torch.Tensor, xs: torch.Tensor, h0s: torch.Tensor | None, reverse: bool, T: int):
-    """One level. lam (N, 2); xs (N, 2, L, M) real (any strides); h0s (N, 2, M) or None.
+    """One level. lam (N, 2); xs (N, 2, M, L) real (any strides); h0s (N, 2, M) or None.
 
-    Returns the states as (N, 2, T, nc, M) (step t of chunk k at [:, :, t, k]) and the padding added
-    (at the end of the sequence, or at its front in reverse).
+    Returns the states as (N, M, nc, 2, T) (part c of step t of chunk k of row m at [:, m, k, c, t])
+    and the padding added (at the end of the sequence, or at its front in reverse).
     """
-    N, _, L, M = xs.shape
+    N, _, M, L = xs.shape
     nc = math.ceil(L / T)
     pad = nc * T - L
     if pad:  # zeros where the scan ends (reverse: at the front), so they never reach a real step
-        xs = F.pad(xs, (0, 0, pad, 0) if reverse else (0, 0, 0, pad))
+        xs = F.pad(xs, (pad, 0) if reverse else (0, pad))
     p = powers(lam, T + 1)
     W, D = matrices(p, T, reverse)
-    cols = xs.unflatten(2, (nc, T)).transpose(2, 3).reshape(N, 2 * T, nc * M)  # columns: (chunk, row)
-    local = torch.bmm(W, cols)  # states with zero state entering each chunk
+    # rows (batch row, chunk), columns (part, step): copied in runs of T contiguous steps
+    rows = xs.unflatten(3, (nc, T)).permute(0, 2, 3, 1, 4).reshape(N, M * nc, 2 * T)
+    local = torch.bmm(rows, W)  # the states with zero state entering each chunk
     if nc > 1 or h0s is not None:
-        local5 = local.view(N, 2, T, nc, M)
-        start = h0s[:, :, None] if h0s is not None else local.new_zeros(N, 2, 1, M)
+        local5 = local.view(N, M, nc, 2, T)
+        start = h0s[..., None] if h0s is not None else local.new_zeros(N, 2, M, 1)
         if nc == 1:
             carry = start
         elif reverse:  # chunk ends: each chunk's state at its first step, carried right to left with lam^T
-            carry = torch.cat((scan_levels(p[:, T], local5[:, :, 0, 1:], h0s, True, T), start), dim=2)
+            ends = local5[:, :, 1:, :, 0].permute(0, 3, 1, 2)
+            carry = torch.cat((scan_levels(p[:, T], ends, h0s, True, T), start), dim=3)
         else:  # each chunk's state at its last step, carried left to right
-            carry = torch.cat((start, scan_levels(p[:, T], local5[:, :, T - 1, :-1], h0s, False, T)), dim=2)
-        local = torch.baddbmm(local, D, carry.reshape(N, 2, nc * M))
-    return local.view(N, 2, T, nc, M), pad
+            ends = local5[:, :, :-1, :, T - 1].permute(0, 3, 1, 2)
+            carry = torch.cat((start, scan_levels(p[:, T], ends, h0s, False, T)), dim=3)
+        local = torch.baddbmm(local, carry.permute(0, 2, 3, 1).reshape(N, M * nc, 2), D)
+    return local.view(N, M, nc, 2, T), pad
 
 
 def scan_levels(lam: torch.Tensor, xs: torch.Tensor, h0s: torch.Tensor | None, reverse: bool, T: int) -> torch.Tensor:
-    """The scan of xs (N, 2, L, M) as (N, 2, L, M), recursing over chunk ends (depth log_T(L))."""
-    L = xs.shape[2]
+    """The scan of xs (N, 2, M, L) as a contiguous (N, 2, M, L), recursing over chunk ends (depth log_T(L))."""
+    L = xs.shape[3]
     h5, pad = chunk_scan(lam, xs, h0s, reverse, T)
-    h = h5.transpose(2, 3).flatten(2, 3)
-    return h[:, :, pad:] if reverse else h[:, :, :L]
+    h = h5.permute(0, 3, 1, 2, 4).flatten(3)
+    return (h[..., pad:] if reverse else h[..., :L]).contiguous() if pad else h
 
 
 def linear_scan_chunked(
@@ -175,10 +179,13 @@ def linear_scan_chunked(
     reverse: bool = False,
     return_last_state: bool = False,
     chunk_size: int | None = None,
+    channels_first: bool = False,
 ):
     """Chunked parallel linear scan; same arguments and results as ``linear_scan_reference``.
 
     ``chunk_size``: steps per chunk T, at least 2 (default :func:`auto_chunk_size`: 8..64).
+    ``channels_first``: x is real pairs (N, 2, batch, L), h0 (N, 2, batch); the scan's own layout, so no
+    transposes at all (the LRU's projections read and write it directly).
     """
     if chunk_size is not None and chunk_size < 2:
         raise ValueError(f"linear_scan: chunk_size must be at least 2 (or None for automatic), got {chunk_size}")
@@ -192,22 +199,24 @@ def linear_scan_chunked(
 
     with torch.autocast(x.device.type, enabled=False):
         lam_p, x_p, h0_p = as_pairs(lam), as_pairs(x), as_pairs(h0)
-        batch, L, N, _ = x_p.shape
+        if not channels_first:  # (batch, L, N, 2) -> (N, 2, batch, L), as views
+            x_p = x_p.permute(2, 3, 0, 1)
+            h0_p = None if h0_p is None else h0_p.permute(1, 2, 0)
+        N, _, batch, L = x_p.shape
         if L == 0:
-            h = x_p.new_zeros(batch, 0, N, 2)
+            h = x_p.new_zeros(N, 2, batch, 0)
         else:
-            T = chunk_size or auto_chunk_size(L)
-            # (N, 2, L, batch): channels are the batch of the matrix products, (chunk, batch row) their columns
-            h5, pad = chunk_scan(lam_p, x_p.permute(2, 3, 1, 0), None if h0_p is None else h0_p.permute(1, 2, 0),
-                                 reverse, T)
-            h = h5.permute(4, 3, 2, 0, 1).reshape(batch, -1, N, 2)
-            if pad:
-                h = (h[:, pad:] if reverse else h[:, :L]).contiguous()
+            h = scan_levels(lam_p, x_p, h0_p, reverse, chunk_size or auto_chunk_size(L))
         if return_last_state:
             if L == 0:
-                last = h0_p if h0_p is not None else h.new_zeros(batch, N, 2)
+                last = h0_p if h0_p is not None else h.new_zeros(N, 2, batch)
             else:
-                last = h[:, 0] if reverse else h[:, -1]
+                last = h[..., 0] if reverse else h[..., -1]
+        if not channels_first:
+            # (a new tensor when empty: an empty permuted tensor counts as contiguous with any strides)
+            h = h.permute(2, 3, 0, 1).contiguous() if L else x_p.new_zeros(batch, 0, N, 2)
+            if return_last_state:
+                last = last.permute(2, 0, 1)
     if not pairs:
         h = torch.view_as_complex(h)
         if return_last_state:

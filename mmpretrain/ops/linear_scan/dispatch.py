@@ -24,9 +24,16 @@ def resolve_backend(backend: str) -> str:
     return "torch" if backend == "auto" else backend
 
 
-def check_shapes(lam: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> None:
+def check_shapes(lam: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None, channels_first: bool = False) -> None:
     """Raise ValueError naming the argument whose shape or form does not fit the others."""
-    if x.is_complex():
+    if channels_first:
+        if x.is_complex() or not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 2:
+            raise ValueError("linear_scan: with channels_first=True, x must be real pairs (N, 2, batch, L), "
+                             f"got {x.dtype} of shape {tuple(x.shape)}")
+        N, _, batch, _ = x.shape
+        shapes = (("lam", lam, (N, 2)), ("h0", h0, (N, 2, batch)))
+        form = "real-pair"
+    elif x.is_complex():
         form, tail = "complex", ()
         if x.dim() != 3:
             raise ValueError(f"linear_scan: complex x must be (batch, L, N), got shape {tuple(x.shape)}")
@@ -37,8 +44,10 @@ def check_shapes(lam: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) ->
                 "linear_scan: x must be complex (batch, L, N) or a real pair (batch, L, N, 2) as "
                 f"torch.view_as_real lays it out, got {x.dtype} of shape {tuple(x.shape)}"
             )
-    batch, _, N = x.shape[:3]
-    for name, t, shape in (("lam", lam, (N, *tail)), ("h0", h0, (batch, N, *tail))):
+    if not channels_first:
+        batch, _, N = x.shape[:3]
+        shapes = (("lam", lam, (N, *tail)), ("h0", h0, (batch, N, *tail)))
+    for name, t, shape in shapes:
         if t is None:
             continue
         if t.is_complex() != x.is_complex() or not (t.is_complex() or t.is_floating_point()):
@@ -56,6 +65,7 @@ def linear_scan(
     return_last_state: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,
+    channels_first: bool = False,
 ):
     """Diagonal linear recurrence h_t = lam * h_{t-1} + x_t along the sequence (lam constant over time).
 
@@ -69,14 +79,17 @@ def linear_scan(
         return_last_state: also return the state after the whole sequence (h_{L-1}; h_0 for reverse).
         backend: "auto", "reference" or "torch" (see the module docstring).
         chunk_size: steps per chunk for the torch backend (None: automatic, 8..64).
+        channels_first: real pairs laid out (N, 2, batch, L) for x, (N, 2, batch) for h0 and the last
+            state: the layout the torch backend computes in, so it needs no transposes (the LRU's
+            projections write and read it directly); ``lam`` is then (N, 2).
 
     Returns:
         the states ``h`` with x's shape and form, in float32 / complex64 (float64 / complex128 for
         double-precision x), or ``(h, last_state)``. Differentiable with respect to lam, x and h0 on every
         backend; autocast is switched off inside.
     """
-    check_shapes(lam, x, h0)
+    check_shapes(lam, x, h0, channels_first)
+    kwargs = dict(reverse=reverse, return_last_state=return_last_state, channels_first=channels_first)
     if resolve_backend(backend) == "reference":
-        return linear_scan_reference(lam, x, h0, reverse=reverse, return_last_state=return_last_state)
-    return linear_scan_chunked(lam, x, h0, reverse=reverse, return_last_state=return_last_state,
-                               chunk_size=chunk_size)
+        return linear_scan_reference(lam, x, h0, **kwargs)
+    return linear_scan_chunked(lam, x, h0, chunk_size=chunk_size, **kwargs)

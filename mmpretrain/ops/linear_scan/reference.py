@@ -12,7 +12,10 @@ Two equivalent forms of the tensors are accepted (all arguments in the same form
 - real pairs: ``lam`` (N, 2), ``x`` (batch, L, N, 2), ``h0`` (batch, N, 2), real floating point, the last
   dimension holding (real, imaginary) as :func:`torch.view_as_real` lays it out.
 
-Results come back in the form of ``x``, in the compute precision: complex128 / float64 when ``x`` is
+Real pairs may also come channels first (``channels_first=True``): ``x`` (N, 2, batch, L), ``h0``
+(N, 2, batch), the layout the chunked scan works in.
+
+Results come back in the form (and layout) of ``x``, in the compute precision: complex128 / float64 when ``x`` is
 double precision, complex64 / float32 otherwise (bf16 and fp16 pairs included).
 """
 
@@ -40,6 +43,7 @@ def linear_scan_reference(
     h0: torch.Tensor | None = None,
     reverse: bool = False,
     return_last_state: bool = False,
+    channels_first: bool = False,
 ):
     """Sequential loop over L in complex arithmetic; differentiable through autograd.
 
@@ -47,6 +51,12 @@ def linear_scan_reference(
     ``last`` is the state after the whole sequence has been read: h_{L-1} forward, h_0 for ``reverse``
     (h0, or zeros, when L = 0).
     """
+    if channels_first:  # (N, 2, batch, L) -> (batch, L, N, 2) and back
+        res = linear_scan_reference(lam, x.permute(2, 3, 0, 1), None if h0 is None else h0.permute(2, 0, 1),
+                                    reverse=reverse, return_last_state=return_last_state)
+        if return_last_state:
+            return res[0].permute(2, 3, 0, 1), res[1].permute(1, 2, 0)
+        return res.permute(2, 3, 0, 1)
     pairs = not x.is_complex()
     rt = compute_dtype(x)
     lam_c, x_c = to_complex(lam, rt), to_complex(x, rt)
