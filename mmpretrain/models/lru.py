@@ -149,8 +149,10 @@ class BiLRUMixer(nn.Module):
     Parameters, with E = expand * d_model and N = d_state:
     3 * d_model * E (projections) + 2 * (3N + 4NE + E) (two LRUs) + (2E + d_model if bias).
     E.g. d_model 192, expand 1, N 192: 407,040; N 96: 259,008 (Vim-Ti's Mamba mixer: about 282k).
-    Cost per token and direction, forward: about 8 * N * E (the two projections around the scan, in
-    real FLOPs) plus 8 * N * T for the chunked scan (T: its chunk length, 8..64).
+    Forward FLOPs per token: 6 * d_model * E (shared projections) + 2 * 8 * N * E (each direction's
+    projections into and out of the complex state) + 2 * 8 * N * T (each direction's chunked scan, T its
+    chunk length, 8..64); the backward about twice that. At Vim-Ti sizes the scan is a few percent of
+    the FLOPs but, being memory-bound, most of the time.
 
     Args:
         d_model: width of the residual stream (input and output).

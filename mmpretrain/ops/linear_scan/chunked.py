@@ -6,9 +6,12 @@ The sequence is cut into chunks of T steps. With zero state at a chunk's start, 
 
 a product with the lower-triangular Toeplitz matrix of powers of lam, one (T, T) matrix per state
 channel. All chunks of all batch rows share it, so the whole level is ONE batched real matrix product:
-complex numbers are handled as real pairs, the (T, T) complex matrix as the (2T, 2T) real block
-[[Re, -Im], [Im, Re]], the batch being the N channels and the columns every (batch row, chunk). Then the
-states entering each chunk are needed: the chunk-end states obey the same recurrence with lam^T,
+complex numbers are handled as real pairs, the (T, T) complex matrix as a (2T, 2T) real block, the
+batch of the product being the N channels and its rows every (batch row, chunk), each row holding the
+chunk's real parts then its imaginary parts. The computation is laid out channels first, (N, 2, batch, L),
+so those rows are copied out in runs of T contiguous steps; a (batch, L, N) input is transposed to it
+and back (``channels_first=True`` skips both). Then the states entering each chunk are needed: the
+chunk-end states obey the same recurrence with lam^T,
 
     H_k = lam^T H_{k-1} + e_k,
 
@@ -19,7 +22,7 @@ carries from the right instead.
 
 No cumulative sums and no divisions by powers of lam: the powers (computed once per level, in polar form
 in float64) have modulus <= 1 in the LRU's stable regime, so nothing overflows and nothing cancels.
-Working memory is O(batch * L * N) (a permuted copy of x and the states) plus the (N, 2T, 2T) matrix:
+Working memory is O(batch * L * N) (a chunked copy of x and the states) plus the (N, 2T, 2T) matrix:
 never (batch, L, N, T) or more. Autograd differentiates it (the backward is again matrix products of
 the same size; only the powers have a hand-written backward). All arithmetic is real: under
 torch.compile the whole scan is traced into one graph with nothing complex in it.
