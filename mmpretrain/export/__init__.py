@@ -59,6 +59,12 @@ def export_task(task: Task, output: str | Path, data_hparams: dict[str, Any] | N
                 raise CheckpointError("--ema: this checkpoint keeps no EMA weights (model.ema_decay was not set)")
             model = task.ema.module
         names = task.class_names or data_hparams.get("class_names") or [f"class_{i}" for i in range(task.num_classes)]
+        from mmpretrain.models.vim import Vim
+
+        if isinstance(model, Vim):  # no native transformers class: our own remote code
+            from mmpretrain.export.vim import export_vim
+
+            return export_vim(model, output, list(names), data_hparams)
         return export_vit(model, output, list(names), data_hparams)
     from mmpretrain.tasks.contrastive import ContrastivePretraining
 
