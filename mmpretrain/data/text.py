@@ -13,6 +13,7 @@ import torch
 from mmpretrain.data.datamodule import ShardDataModule, Split
 from mmpretrain.data.decode import read_text
 from mmpretrain.data.shards import iter_shard_samples
+from mmpretrain.data.spans import SpanSampler, collate_spans
 from mmpretrain.data.stats import DataStats
 from mmpretrain.data.stream import map_samples
 from mmpretrain.data.tokenizer import Tokenizer
@@ -29,6 +30,15 @@ class TextDataModule(ShardDataModule):
     attention or spans inside one document. Evaluation streams also yield each worker's last partial
     sequence, padded, with ``doc_ids`` -1 on the padding (exclude those positions from losses).
 
+    With ``spans`` set (semi-causal language modeling, METALM), the workers also draw random non-causal
+    spans in each sequence (:class:`~mmpretrain.data.spans.SpanSampler`: lengths uniform in
+    ``[min_len, max_len]``, about ``coverage`` of the tokens, inside one document, never touching) from
+    their seeded generator, and batches carry the span layout as well:
+    ``"spans"``: long ``(N, 3)``, a row ``(batch row, start, length)`` per span of the batch; ``"span_ids"``:
+    long ``(N, L)``, each span's tokens packed for the encoder, padded with the tokenizer's ``pad_id`` to
+    the longest span (rounded up to a multiple of 8). Validation draws its spans the same way from a fixed
+    seed, so every validation sees the same spans.
+
     An epoch in ``epoch`` mode is measured in sequences, which the shards do not record: unless
     ``samples_per_epoch`` is given, it is estimated from the document counts and the tokens per document
     of up to ``estimate_docs`` documents of the first shard (logged).
@@ -39,6 +49,8 @@ class TextDataModule(ShardDataModule):
         text_key: ``"txt"`` or a JSON field (``"json:text"``).
         add_bos: start every document with the beginning-of-text token.
         estimate_docs: documents tokenized to estimate the epoch length.
+        spans: draw non-causal spans: ``{"min_len": 64, "max_len": 128, "coverage": 0.25}`` (any of the keys;
+            these are the defaults); None for plain causal language-model batches.
         **kwargs: shard, batching and worker options of :class:`ShardDataModule`.
     """
 
@@ -50,6 +62,7 @@ class TextDataModule(ShardDataModule):
         text_key: str = "txt",
         add_bos: bool = False,
         estimate_docs: int = 200,
+        spans: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("shuffle_buffer", 100)
@@ -65,6 +78,7 @@ class TextDataModule(ShardDataModule):
         self.text_key = text_key
         self.add_bos = add_bos
         self.estimate_docs = estimate_docs
+        self.span_sampler = SpanSampler.from_config(spans, what="data.spans")
 
     @property
     def vocab_size(self) -> int:
@@ -72,10 +86,11 @@ class TextDataModule(ShardDataModule):
 
     def process(self, split: Split):
         return TextPacker(self.tokenizer, self.seq_len, self.text_key, self.add_bos,
-                          self.stats.setdefault(split, DataStats(self._start_method)), self.strict, split)
+                          self.stats.setdefault(split, DataStats(self._start_method)), self.strict, split,
+                          spans=self.span_sampler)
 
     def collate_fn(self):
-        return collate_text
+        return collate_text if self.span_sampler is None else SpanCollate(self.tokenizer.pad_id)
 
     def stream(self, split: Split):
         if split == "train" and self.samples_per_epoch is None:
@@ -109,10 +124,15 @@ class TextDataModule(ShardDataModule):
 
 
 class TextPacker:
-    """Raw document samples -> packed sequences (dicts of input_ids, doc_ids, key); picklable."""
+    """Raw document samples -> packed sequences (dicts of input_ids, doc_ids, key[, spans]); picklable.
+
+    With a span sampler, each sequence also gets ``"spans"``: long ``(n, 2)`` rows of ``(start, length)``,
+    drawn from a generator seeded by the worker's (without consuming its draws: the documents and their
+    order are the same with and without spans).
+    """
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int, text_key: str, add_bos: bool, stats: DataStats,
-                 strict: bool, name: str) -> None:
+                 strict: bool, name: str, spans: SpanSampler | None = None) -> None:
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.text_key = text_key
@@ -121,6 +141,17 @@ class TextPacker:
         self.strict = strict
         self.name = name
         self.pad_tail = name != "train"
+        self.spans = spans
+
+    def _item(self, ids: list[int], doc_ids: list[int], key: str, rng: random.Random | None) -> dict[str, Any]:
+        item = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "doc_ids": torch.tensor(doc_ids, dtype=torch.long),
+            "key": key,
+        }
+        if self.spans is not None and rng is not None:
+            item["spans"] = torch.tensor(self.spans(doc_ids, rng), dtype=torch.long).view(-1, 2)
+        return item
 
     def tokenize(self, sample: dict) -> tuple[list[int], str]:
         ids = self.tokenizer.encode(read_text(sample, self.text_key))
@@ -133,17 +164,16 @@ class TextPacker:
         docs: list[int] = []
         keys: list[tuple[int, str]] = []  # (start offset in the buffer, key) of each document
         documents = map_samples(samples, self.tokenize, self.stats, self.strict, self.name)
+        # the spans' own generator: a pure function of the worker's seed, drawing nothing from it
+        span_rng = random.Random(hash(rng.getstate())) if self.spans is not None else None
         for doc, (tokens, key) in enumerate(documents):
             keys.append((len(ids), key))
             ids.extend(tokens)
             docs.extend([doc] * len(tokens))
             while len(ids) >= self.seq_len:
                 first_doc = docs[0]
-                yield {
-                    "input_ids": torch.tensor(ids[: self.seq_len], dtype=torch.long),
-                    "doc_ids": torch.tensor([d - first_doc for d in docs[: self.seq_len]], dtype=torch.long),
-                    "key": keys[0][1],
-                }
+                yield self._item(ids[: self.seq_len], [d - first_doc for d in docs[: self.seq_len]], keys[0][1],
+                                 span_rng)
                 ids, docs = ids[self.seq_len :], docs[self.seq_len :]
                 keys = [(offset - self.seq_len, k) for offset, k in keys]
                 while len(keys) > 1 and keys[1][0] <= 0:  # keep the document the next sequence starts in
@@ -152,11 +182,8 @@ class TextPacker:
             # evaluation sees every token: the last partial sequence is padded, its padding marked doc_id -1
             pad = self.seq_len - len(ids)
             first_doc = docs[0]
-            yield {
-                "input_ids": torch.tensor(ids + [self.tokenizer.pad_id] * pad, dtype=torch.long),
-                "doc_ids": torch.tensor([d - first_doc for d in docs] + [-1] * pad, dtype=torch.long),
-                "key": keys[0][1],
-            }
+            yield self._item(ids + [self.tokenizer.pad_id] * pad, [d - first_doc for d in docs] + [-1] * pad,
+                             keys[0][1], span_rng)
 
 
 def collate_text(items: list[dict]) -> dict[str, Any]:
@@ -165,3 +192,16 @@ def collate_text(items: list[dict]) -> dict[str, Any]:
         "doc_ids": torch.stack([it["doc_ids"] for it in items]),
         "key": [it["key"] for it in items],
     }
+
+
+class SpanCollate:
+    """Collates packed sequences with spans: :func:`collate_text` plus the batch's span layout
+    (:func:`~mmpretrain.data.spans.collate_spans`); picklable."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict[str, Any]:
+        batch = collate_text(items)
+        batch.update(collate_spans([it["spans"] for it in items], batch["input_ids"], self.pad_id))
+        return batch
