@@ -349,15 +349,22 @@ def vim_base(pretrained: bool = False, **kwargs: Any) -> Vim:
     return _create_vim("vim_base", pretrained, **{**args, **kwargs})
 
 
+def _lru_kwargs(d_state: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The preset's LRU state size under the caller's mixer_kwargs (which override it, key by key)."""
+    return {**kwargs, "mixer": "lru", "mixer_kwargs": {"d_state": d_state, **(kwargs.get("mixer_kwargs") or {})}}
+
+
 @register_model
 def vim_lru_tiny(pretrained: bool = False, **kwargs: Any) -> Vim:
-    """Vim-Ti's network with bidirectional LRU mixers (dim 192, depth 24, patch 16)."""
-    args = dict(patch_size=16, embed_dim=192, depth=24, mixer="lru")
-    return _create_vim("vim_lru_tiny", pretrained, **{**args, **kwargs})
+    """Vim-Ti's network with bidirectional LRU mixers (dim 192, depth 24, patch 16, expand 1); the LRU state
+    size 112 matches Vim-Ti's parameter count (7.19M against 7.15M)."""
+    args = dict(patch_size=16, embed_dim=192, depth=24)
+    return _create_vim("vim_lru_tiny", pretrained, **{**args, **_lru_kwargs(112, kwargs)})
 
 
 @register_model
 def vim_lru_small(pretrained: bool = False, **kwargs: Any) -> Vim:
-    """Vim-S's network with bidirectional LRU mixers (dim 384, depth 24, patch 16)."""
-    args = dict(patch_size=16, embed_dim=384, depth=24, mixer="lru")
-    return _create_vim("vim_lru_small", pretrained, **{**args, **kwargs})
+    """Vim-S's network with bidirectional LRU mixers (dim 384, depth 24, patch 16, expand 1); the LRU state
+    size 192 matches Vim-S's parameter count (25.58M against 25.80M)."""
+    args = dict(patch_size=16, embed_dim=384, depth=24)
+    return _create_vim("vim_lru_small", pretrained, **{**args, **_lru_kwargs(192, kwargs)})

@@ -1,0 +1,229 @@
+"""Vision Mamba against DeiT: training and inference throughput, MFU and peak memory, in one process, on one GPU.
+
+    python benchmarks/vim.py --out vim.json                      # the issue's four workloads, Vim-Ti vs DeiT-Ti
+    python benchmarks/vim.py --models vim_tiny vim_tiny+ckpt deit_tiny_patch16_224 --workloads train@1248x16
+    python benchmarks/vim.py --task --workloads train@224x256    # also our ImageClassification via Lightning
+    python benchmarks/vim.py --smoke                             # CPU, tiny sizes: checks the script runs
+
+Workloads are ``train@SIZExBATCH`` or ``infer@SIZExBATCH``; the defaults are training and inference at 224
+(batch 256) and at 1248x1248 (batch 16). Models are timm names (``vim_tiny`` is ours, registered by
+``mmpretrain.models``; ``deit_tiny_patch16_224`` uses timm's fused SDPA attention), optionally with
+``+ckpt`` (per-block activation checkpointing; training only) or ``+compile`` (``torch.compile``). The
+default compares vim_tiny, vim_tiny+ckpt and deit_tiny_patch16_224.
+
+Every run: synthetic batch already on the GPU, bf16 autocast, float32 weights; training is forward,
+cross-entropy, backward and an AdamW step; inference runs under ``torch.inference_mode``. Median step time
+over the timed steps after warm-up (benchmarks/timing.py), samples/s, peak memory, and MFU: FLOPs of one
+step over its time and the bf16 dense peak. FLOPs are counted with FlopCounterMode on the meta device
+(matrix products and convolutions); the selective scan, which FlopCounterMode does not see, adds
+9 * batch * d_inner * L * d_state per layer and direction forward (mamba_ssm's count), three times that for
+a training step. Prints a table with each model's ratio to the first model that is not ours (DeiT-Ti) and
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timing import peak_flops, timed
+from torch.utils.flop_counter import FlopCounterMode
+
+import mmpretrain.models  # noqa: F401  (registers vim_* with timm)
+from mmpretrain.models.mamba import BiMambaMixer
+
+DEFAULT_WORKLOADS = ["train@224x256", "infer@224x256", "train@1248x16", "infer@1248x16"]
+DEFAULT_MODELS = ["vim_tiny", "vim_tiny+ckpt", "deit_tiny_patch16_224"]
+# --smoke: a CPU run at tiny sizes, to check that the script works end to end
+SMOKE_WORKLOADS = ["train@64x2", "infer@64x2"]
+SMOKE_KWARGS = {"depth": 2}
+
+
+def parse_workload(spec: str) -> tuple[str, int, int]:
+    try:
+        mode, rest = spec.split("@")
+        size, batch = (int(v) for v in rest.split("x"))
+    except ValueError:
+        raise SystemExit(f"--workloads: {spec!r} is not MODE@SIZExBATCH (e.g. train@224x256)") from None
+    if mode not in ("train", "infer"):
+        raise SystemExit(f"--workloads: {spec!r}: mode must be train or infer")
+    return mode, size, batch
+
+
+def parse_model(spec: str) -> tuple[str, set[str]]:
+    name, *flags = spec.split("+")
+    unknown = set(flags) - {"ckpt", "compile"}
+    if unknown:
+        raise SystemExit(f"--models: {spec!r}: unknown option(s) {sorted(unknown)}; use +ckpt or +compile")
+    if name not in timm.list_models():
+        raise SystemExit(f"--models: {name!r} is not a timm model name")
+    return name, set(flags)
+
+
+def build(name: str, size: int, num_classes: int, extra: dict[str, Any]) -> torch.nn.Module:
+    return timm.create_model(name, img_size=size, num_classes=num_classes, **extra)
+
+
+def scan_flops(model: torch.nn.Module, batch: int) -> int:
+    """Forward FLOPs of the selective scans (not seen by FlopCounterMode): 9 * batch * d_inner * L * N per direction."""
+    L = getattr(getattr(model, "patch_embed", None), "num_patches", 0) + 1
+    total = 0
+    for m in model.modules():
+        if isinstance(m, BiMambaMixer):
+            total += 2 * 9 * batch * m.d_inner * L * m.d_state
+    return total
+
+
+def count_flops(name: str, size: int, batch: int, num_classes: int, train: bool, extra: dict[str, Any]) -> int:
+    with torch.device("meta"):
+        model = build(name, size, num_classes, extra)
+        x = torch.empty(batch, 3, size, size)
+        y = torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            F.cross_entropy(model(x), y).backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return int(counter.get_total_flops()) + scan_flops(model, batch) * (3 if train else 1)
+
+
+def time_steps(step: Callable[[], object], steps: int, warmup: int, device: torch.device) -> list[float]:
+    if device.type == "cuda":
+        return timed(step, steps, warmup)
+    times = []  # CPU (--smoke): nothing to synchronise
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_model(spec: str, mode: str, size: int, batch: int, steps: int, warmup: int, num_classes: int,
+                device: torch.device, extra: dict[str, Any]) -> dict[str, Any]:
+    """One model on one workload: a plain loop, bf16 autocast on CUDA (float32 on CPU)."""
+    name, flags = parse_model(spec)
+    model = build(name, size, num_classes, extra).to(device)
+    if "ckpt" in flags:
+        model.set_grad_checkpointing(True)
+    train = mode == "train"
+    model.train(train)
+    if "compile" in flags:
+        model = torch.compile(model)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05) if train else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def train_step():
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def infer_step():
+        with torch.inference_mode(), autocast:
+            model(x)
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        times = time_steps(train_step if train else infer_step, steps, warmup, device)
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else math.nan
+    return {"step_s": statistics.median(times), "peak_gib": peak,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def bench_task(name: str, batch: int, steps: int, warmup: int, num_classes: int) -> dict[str, Any]:
+    """Our ImageClassification task through Lightning's Trainer at 224 (benchmarks/classification.py)."""
+    from classification import bench_ours
+
+    return bench_ours(name, batch, steps, warmup, num_classes, compile=False, fused=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODELS)}")
+    parser.add_argument("--workloads", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_WORKLOADS)}")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--task", action="store_true",
+                        help="also time our ImageClassification task (Lightning, bf16-mixed, fused AdamW) on "
+                             "train@224 workloads, for each model without options")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes (depth 2, 64 px, batch 2, 2 steps)")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+
+    if args.smoke:
+        device, extra = torch.device("cpu"), dict(SMOKE_KWARGS)
+        workloads = args.workloads or SMOKE_WORKLOADS
+        steps, warmup = min(args.steps, 2), min(args.warmup, 1)
+        peak = math.nan
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks/vim.py needs a CUDA GPU; use --smoke to check it on CPU")
+        device, extra = torch.device("cuda"), {}
+        workloads = args.workloads or DEFAULT_WORKLOADS
+        steps, warmup = args.steps, args.warmup
+        peak = peak_flops()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    models = args.models or DEFAULT_MODELS
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+    rows = []
+    for workload in workloads:
+        mode, size, batch = parse_workload(workload)
+        for spec in models:
+            name, flags = parse_model(spec)
+            if mode == "infer" and "ckpt" in flags:
+                continue  # checkpointing changes nothing without a backward pass
+            flops = count_flops(name, size, batch, args.num_classes, mode == "train", extra)
+            runs = ["loop"]
+            if args.task and mode == "train" and size == 224 and spec == name and device.type == "cuda":
+                runs.append("task")
+            for how in runs:
+                if how == "loop":
+                    r = bench_model(spec, mode, size, batch, steps, warmup, args.num_classes, device, extra)
+                else:
+                    r = bench_task(name, batch, steps, warmup, args.num_classes)
+                r.update(workload=workload, model=spec, how=how, mode=mode, image_size=size, batch=batch,
+                         flops_per_step=flops, device=device_name, torch=torch.__version__)
+                if "step_s" in r:
+                    r.update(samples_per_s=batch / r["step_s"], mfu=flops / r["step_s"] / peak)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+
+    print(f"\n{'workload':16} {'model':28} {'how':5} {'samples/s':>10} {'MFU':>7} {'peak GiB':>9} "
+          f"{'x anchor':>9} {'mem x':>6}")
+    for r in rows:
+        anchor = next((b for b in rows if b["workload"] == r["workload"] and b["how"] == "loop"
+                       and not b["model"].startswith("vim") and "step_s" in b), None)
+        if "step_s" not in r:
+            print(f"{r['workload']:16} {r['model']:28} {r['how']:5} {r['error']:>10}")
+            continue
+        speed = r["samples_per_s"] / anchor["samples_per_s"] if anchor else math.nan
+        mem = r["peak_gib"] / anchor["peak_gib"] if anchor and anchor["peak_gib"] else math.nan
+        print(f"{r['workload']:16} {r['model']:28} {r['how']:5} {r['samples_per_s']:10.1f} {100 * r['mfu']:6.1f}% "
+              f"{r['peak_gib']:9.2f} {speed:8.2f}x {mem:5.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
