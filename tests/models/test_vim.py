@@ -214,3 +214,15 @@ def test_init_from_a_checkpoint_at_another_stride(tmp_path):
     torch.testing.assert_close(dst["layers.1.mixer.A_log"], src["layers.1.mixer.A_log"])
     torch.testing.assert_close(dst["patch_embed.proj.weight"], src["patch_embed.proj.weight"])
     assert dst["head.weight"].shape == (10, 32)
+
+
+def test_lru_mixer_variant():
+    m = tiny_vim(mixer="lru", mixer_kwargs={"d_state": 8})
+    x = torch.randn(2, 3, 32, 32)
+    m(x).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    assert {"layers.1.mixer.lru_fwd.nu_log", "layers.0.mixer.lru_bwd.theta_log"} <= m.no_weight_decay()
+    with torch.device("meta"):
+        lru = timm.create_model("vim_lru_tiny", mixer_kwargs={"r_min": 0.5})
+    assert lru.layers[0].mixer.d_state == 112 and lru.layers[0].mixer.lru_fwd.r_min == 0.5
+    assert sum(p.numel() for p in lru.parameters()) == 7_191_784  # matched to Vim-Ti's 7,148,008
