@@ -17,7 +17,7 @@ Layout notes:
   prefix-token layout), and added before the class token is moved to the middle. This is the same model as
   Vim's (a permutation of one parameter), and it lets timm's ``resample_abs_pos_embed`` (and the
   classification task's ``init_from``) resample it for another image size or stride. Official Vim
-  checkpoints store that entry at index ``num_patches // 2`` instead: move it to the front to load them.
+  checkpoints store that entry at index ``num_patches // 2``: :func:`convert_official_vim` moves it.
 - Other parameter names follow Vim's (``layers.i.norm``, ``layers.i.mixer.*``, ``norm_f``, ``head``).
 
 The model has timm's classifier surface (``forward_features``/``forward_head``, ``reset_classifier``,
@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmpretrain.models.mamba import BiMambaMixer
 
-__all__ = ["MIXERS", "PatchEmbed", "RMSNorm", "Vim", "VimBlock", "checkpoint_filter_fn"]
+__all__ = ["MIXERS", "PatchEmbed", "RMSNorm", "Vim", "VimBlock", "checkpoint_filter_fn", "convert_official_vim"]
 
 MIXERS = ("mamba", "lru")
 
@@ -301,6 +301,21 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Vim) -> dic
     pos = out.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
         out["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=1)
+    return out
+
+
+def convert_official_vim(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of hustvl/Vim's VisionMamba (middle class token, bimamba v2) in our layout.
+
+    Parameter names are the same; only the position embedding differs: Vim stores the class token's entry
+    at index ``num_patches // 2`` (where the token sits), we store it first. Unwraps a ``model`` entry.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    out = dict(state_dict)
+    pos = out["pos_embed"]
+    i = (pos.shape[1] - 1) // 2
+    out["pos_embed"] = torch.cat([pos[:, i : i + 1], pos[:, :i], pos[:, i + 1 :]], dim=1)
     return out
 
 

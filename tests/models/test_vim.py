@@ -226,3 +226,18 @@ def test_lru_mixer_variant():
         lru = timm.create_model("vim_lru_tiny", mixer_kwargs={"r_min": 0.5})
     assert lru.layers[0].mixer.d_state == 112 and lru.layers[0].mixer.lru_fwd.r_min == 0.5
     assert sum(p.numel() for p in lru.parameters()) == 7_191_784  # matched to Vim-Ti's 7,148,008
+
+
+def test_official_vim_layout_converts():
+    """hustvl/Vim adds its position embedding after inserting the class token; ours is stored class-first."""
+    from mmpretrain.models.vim import convert_official_vim
+
+    m = tiny_vim()
+    i = m.cls_index
+    official_pos = torch.randn(1, 17, 32)
+    official = {**m.state_dict(), "pos_embed": official_pos}
+    m.load_state_dict(convert_official_vim({"model": official}))
+    x = torch.randn(2, 3, 32, 32)
+    patches = m.patch_embed(x)
+    tokens = torch.cat([patches[:, :i], m.cls_token.expand(2, -1, -1), patches[:, i:]], dim=1) + official_pos
+    torch.testing.assert_close(m.embed(x), tokens)
