@@ -72,6 +72,16 @@ def export_task(task: Task, output: str | Path, data_hparams: dict[str, Any] | N
         from mmpretrain.export.clip import export_clip
 
         return export_clip(task.model, output, data_hparams, ema=ema)
+    from mmpretrain.tasks.semicausal_lm import SemiCausalLM
+
+    if isinstance(task, SemiCausalLM):  # no native transformers class: our own remote code
+        from mmpretrain.export.metalm import export_metalm
+
+        if ema:
+            raise CheckpointError("--ema: semi-causal LM training keeps no EMA weights; export without --ema")
+        settings = {"max_new_tokens": task.max_new_tokens, "temperature": task.temperature, "top_k": task.top_k,
+                    "top_p": task.top_p}
+        return export_metalm(task.model, output, data_hparams, generation=settings)
     raise CheckpointError(f"export of {type(task).__name__} is not supported yet")
 
 
