@@ -111,9 +111,11 @@ IGNORE_INDEX = -100
 # ----------------------------------------------------------------------------------------- span layout
 
 
-def span_token_mask(spans: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
-    """Bool ``(batch, length)``: True on the tokens inside spans (the encoder's inputs)."""
-    device = spans.device if spans is not None else None
+def span_token_mask(spans: torch.Tensor | None, batch: int, length: int,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool ``(batch, length)``: True on the tokens inside spans (the encoder's inputs); on ``spans``' device,
+    else ``device``."""
+    device = spans.device if spans is not None else device
     mask = torch.zeros(batch * length + 1, dtype=torch.bool, device=device)
     if spans is None or spans.shape[0] == 0:
         return mask[:-1].view(batch, length)
@@ -134,7 +136,7 @@ def semicausal_targets(input_ids: torch.Tensor, spans: torch.Tensor | None = Non
     first of the sequence; the last column is always ignored. See the module docstring for why.
     """
     b, t = input_ids.shape
-    keep = ~span_token_mask(spans, b, t)
+    keep = ~span_token_mask(spans, b, t, input_ids.device)
     if doc_ids is not None:
         keep &= doc_ids >= 0
     targets = input_ids[:, 1:].masked_fill(~keep[:, 1:], ignore_index)

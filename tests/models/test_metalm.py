@@ -117,6 +117,14 @@ def test_gradients_reach_the_encoder_and_are_zero_without_spans():
     assert model.embed.weight.grad.abs().sum() > 0
 
 
+def test_targets_without_spans_stay_on_the_tokens_device():
+    ids = tokens().to("meta")
+    assert semicausal_targets(ids, None, torch.zeros_like(ids)).device.type == "meta"
+    ids = tokens()
+    targets = semicausal_targets(ids, None, torch.zeros_like(ids))
+    assert torch.equal(targets[:, :-1], ids[:, 1:]) and (targets[:, -1] == IGNORE_INDEX).all()
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     grads = []
     for enable in (False, True):
