@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import weakref
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -107,6 +108,8 @@ class ShardDataModule(pl.LightningDataModule):
             worker_start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else None
         self.worker_start_method = worker_start_method
         self._start_method = worker_start_method if num_workers > 0 else None
+        if self._start_method == "forkserver":
+            preload_in_fork_server(type(self).__module__)
         self.stats: dict[str, DataStats] = {}
         self._sources: dict[str, list[ShardSource]] = {}
         self._metadata: dict | None = None
@@ -208,7 +211,7 @@ class ShardDataModule(pl.LightningDataModule):
         return stream
 
     def _loader(self, split: Split) -> ShardLoader:
-        return ShardLoader(
+        loader = ShardLoader(
             self.stream(split),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -216,6 +219,11 @@ class ShardDataModule(pl.LightningDataModule):
             prefetch_factor=self.prefetch_factor,
             multiprocessing_context=self.worker_start_method if self.num_workers > 0 else None,
         )
+        if split == "train" and self.trainer is not None:
+            # the data position a checkpoint records is that of the batches the trainer has trained on
+            # (it fetches ahead): its count of processed batches in the epoch
+            loader.consumed_fn = consumed_batches(self.trainer)
+        return loader
 
     def train_dataloader(self) -> ShardLoader:
         return self._loader("train")
@@ -229,6 +237,8 @@ class ShardDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> ShardLoader:
         return self._loader("predict")
 
+    # the training stream's position is the train loader's state (ShardLoader.state_dict), which Lightning
+    # saves with the fit loop; the data module keeps what checks a resumed run's settings
     def state_dict(self) -> dict[str, Any]:
         stream = self._streams.get("train")
         return {"train_epoch": stream.epoch if stream is not None else 0, "seed": self.seed}
@@ -236,3 +246,27 @@ class ShardDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed", self.seed) != self.seed:
             log.warning("data.seed differs from the checkpoint's (%s != %s)", self.seed, state_dict["seed"])
+
+
+def consumed_batches(trainer: pl.Trainer):
+    """A function returning the training batches the trainer has processed in the current epoch."""
+    ref = weakref.ref(trainer)
+
+    def consumed() -> int | None:
+        t = ref()
+        return None if t is None else int(t.fit_loop.epoch_loop.batch_progress.current.processed)
+
+    return consumed
+
+
+_FORK_SERVER_PRELOAD = ["__main__", "torch", "timm.data", "mmpretrain.data.stream"]
+
+
+def preload_in_fork_server(*modules: str) -> None:
+    """Have the fork server import ``modules`` (and torch, timm's transforms, our stream) once, so that each
+    worker forked from it starts in a fraction of a second instead of importing them itself (seconds per
+    worker, at every validation). Takes effect when the fork server has not started yet."""
+    for module in modules:
+        if module not in _FORK_SERVER_PRELOAD:
+            _FORK_SERVER_PRELOAD.append(module)
+    mp.set_forkserver_preload(list(_FORK_SERVER_PRELOAD))

@@ -25,7 +25,7 @@ SAMPLE_REASONS = (
     "bad_text",
     "bad_sample",
 )
-SHARD_REASONS = ("corrupt_shard", "empty_shard")
+SHARD_REASONS = ("corrupt_shard", "empty_shard", "missing_shard")
 REASONS = SAMPLE_REASONS + SHARD_REASONS
 
 
@@ -64,14 +64,27 @@ class DataStats:
 class DataStatsMonitor(pl.Callback):
     """Logs the data module's skip counters (``data/<split>_skipped``, ``data/<split>_bad_shards``).
 
-    Works with any data module that has a ``stats`` mapping of split name to :class:`DataStats`.
+    Works with any data module that has a ``stats`` mapping of split name to :class:`DataStats`. The training
+    counters are logged every ``logging_interval`` steps (default: the trainer's ``log_every_n_steps``), at
+    the end of each epoch and at the end of training; validation's after each validation. They are running
+    totals of this rank since the start of training (restored on resume, see ``ShardLoader``), not
+    per-step means. What was skipped, by reason, is also written to the log at each epoch's end and when
+    training ends.
+
+    Args:
+        logging_interval: log the training counters every this many optimizer steps; None for the trainer's
+            ``log_every_n_steps``.
     """
 
-    def __init__(self, logging_interval: int = 50) -> None:
+    def __init__(self, logging_interval: int | None = None) -> None:
         self.logging_interval = logging_interval
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
-        stats = getattr(trainer.datamodule, "stats", None) if trainer.datamodule is not None else None
+    @staticmethod
+    def _stats(trainer: pl.Trainer) -> dict[str, DataStats] | None:
+        return getattr(trainer.datamodule, "stats", None) if trainer.datamodule is not None else None
+
+    def _log(self, trainer: pl.Trainer, split: str) -> None:
+        stats = self._stats(trainer)
         if not stats or split not in stats:
             return
         s = stats[split]
@@ -80,16 +93,24 @@ class DataStatsMonitor(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.logging_interval == 0:
-            self._log(trainer, pl_module, "train")
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._log(trainer, pl_module, "train")
-        stats = getattr(trainer.datamodule, "stats", None) if trainer.datamodule is not None else None
+    def _report(self, trainer: pl.Trainer) -> None:
+        stats = self._stats(trainer)
         if stats and "train" in stats and stats["train"].snapshot():
             log.warning("data: skipped so far in training: %s", stats["train"].snapshot())
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        interval = self.logging_interval or trainer.log_every_n_steps or 50
+        if trainer.global_step % interval == 0:
+            self._log(trainer, "train")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._log(trainer, "train")
+        self._report(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._log(trainer, "train")
+        self._report(trainer)
+
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self._log(trainer, pl_module, "val")
+            self._log(trainer, "val")
