@@ -9,7 +9,10 @@ Model and data are chosen by ``class_path`` in the YAML. What only the data know
 class names, vocabulary size) is linked into the model, never repeated by hand. Defaults: bf16-mixed
 on GPU and 32-true on CPU; TensorBoard and CSV logs under ``runs/``; a progress bar; learning rate and
 throughput (samples/s, and MFU where the task counts its FLOPs) monitors; a checkpoint every
-``checkpoint.every_n_train_steps`` steps and at the end (``last.ckpt``).
+``checkpoint.every_n_train_steps`` steps, at the end, and at the next step boundary after SIGUSR1/SIGTERM
+(``last.ckpt`` always the newest; ``--checkpoint.save_top_k K`` keeps the last ``K`` step checkpoints),
+each written atomically. ``--ckpt_path last`` resumes from the newest ``last.ckpt`` under the run
+directory, exactly where it stopped (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from mmpretrain.checkpoints import StepCheckpoint, find_last_checkpoint, install_atomic_checkpoint_io
 from mmpretrain.data.stats import DataStatsMonitor
 from mmpretrain.throughput import MFUThroughputMonitor
 
@@ -64,11 +69,14 @@ class MMPretrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in DATA_TO_MODEL_LINKS:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.every_n_train_steps": 1000,
                 "checkpoint.save_last": True,
+                # ranked by step: save_top_k K keeps the last K step checkpoints (-1: all)
+                "checkpoint.monitor": "step",
+                "checkpoint.mode": "max",
                 "checkpoint.save_top_k": -1,
                 "checkpoint.filename": "step{step:08d}",
                 "checkpoint.auto_insert_metric_name": False,
@@ -92,8 +100,42 @@ class MMPretrainCLI(LightningCLI):
         # a 50-step window: rates and MFU appear after 50 steps instead of Lightning's default 100
         throughput = MFUThroughputMonitor(batch_size_fn=batch_size_of, length_fn=items_of, window_size=50)
         extra = [throughput, DataStatsMonitor()]
-        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + extra
-        return super().instantiate_trainer(**kwargs)
+        # keyword arguments replace the config's trainer settings: keep the callbacks given in trainer.callbacks
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        kwargs["callbacks"] = configured + list(kwargs.get("callbacks") or []) + extra
+        trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_checkpoint_io(trainer)  # a kill mid-write never leaves a broken checkpoint
+        return trainer
+
+    # -- --ckpt_path last: the newest last.ckpt of the run, in whichever logger version wrote it ----------
+    def _resolve_last_checkpoint(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        callback = self.trainer.checkpoint_callback
+        roots = [getattr(callback, "dirpath", None), self.trainer.default_root_dir]
+        found = find_last_checkpoint(*roots)
+        if found is None:
+            # not an error: a job script can always pass --ckpt_path last, the first run starts afresh
+            rank_zero_warn(f"--ckpt_path last: no last.ckpt under {', '.join(str(r) for r in roots if r)}; "
+                           f"starting from scratch")
+            config["ckpt_path"] = None
+            return
+        rank_zero_info(f"--ckpt_path last: resuming from {found}")
+        config["ckpt_path"] = str(found)
+
+    def before_fit(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_test(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_predict(self) -> None:
+        self._resolve_last_checkpoint()
 
 
 DEFAULT_ROOT = "runs"
