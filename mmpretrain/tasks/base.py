@@ -1,8 +1,11 @@
-"""What every task shares: late model construction, injected optimizers and schedules, FLOP counting."""
+"""What every task shares: late model construction, injected optimizers and schedules, FLOP counting, and the
+reliability of training (non-finite steps skipped and counted, generator states and checks in checkpoints,
+the data checked against the model before training starts)."""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,9 +16,15 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmpretrain.checkpoints import check_state_dict_fits
 from mmpretrain.optim import WarmupCosine, param_groups
+from mmpretrain.rng import capture_rng_state, gather_objects, restore_rng_state
 
 log = logging.getLogger("mmpretrain")
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive training steps with a non-finite loss or gradient norm; names the step and batch."""
 
 
 def adamw(params) -> torch.optim.Optimizer:
@@ -38,20 +47,40 @@ class Task(pl.LightningModule):
         lr_reference_batch: when set, the optimizer's learning rate is given for this global batch and is
             scaled linearly to the run's (``lr * global_batch / lr_reference_batch``, as DeiT does), so a
             recipe keeps its meaning on any number of GPUs.
+        max_skipped_steps: a step whose loss or gradient norm is not finite (on any rank) is skipped: no
+            parameter and no optimizer-state update (the step still counts in ``global_step`` and the
+            schedule). Skips are counted (``train/skipped_steps``) and logged with the batch's sample keys;
+            after this many *consecutive* skips the next non-finite step raises :class:`NonFiniteError`
+            naming the step and the keys. 0 raises at the first; None never raises. Under fp16 with a
+            gradient scaler, non-finite gradients are the scaler's business (it lowers the scale), only a
+            non-finite loss counts.
+
+    Subclasses overriding ``on_train_batch_start``, ``on_before_backward``, ``on_before_optimizer_step``,
+    ``on_save_checkpoint``, ``on_load_checkpoint`` or ``on_fit_start`` call ``super()``.
     """
 
     def __init__(self, optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 lr_reference_batch: int | None = None) -> None:
+                 lr_reference_batch: int | None = None, max_skipped_steps: int | None = 10) -> None:
         super().__init__()
         if lr_reference_batch is not None and lr_reference_batch < 1:
             raise ValueError(f"model.lr_reference_batch must be positive, got {lr_reference_batch}")
+        if max_skipped_steps is not None and max_skipped_steps < 0:
+            raise ValueError(f"model.max_skipped_steps must be >= 0 (or null for no limit), got {max_skipped_steps}")
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.lr_reference_batch = lr_reference_batch
+        self.max_skipped_steps = max_skipped_steps
         self.model: nn.Module | None = None
         #: model FLOPs of one training step (forward and backward) on this rank; read by ThroughputMonitor
         self.flops_per_batch: int | None = None
         self._flops_counted = False
+        #: training steps skipped for a non-finite loss or gradient norm (all of them, and in a row)
+        self.skipped_steps = 0
+        self.consecutive_skipped_steps = 0
+        self._losses_finite: torch.Tensor | None = None  # all losses backpropagated since the last step
+        self._step_keys: list[str] = []  # sample keys of the batches since the last optimizer step
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._data_checked = False
 
     # -- to implement -------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -106,14 +135,145 @@ class Task(pl.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # what built this checkpoint, so that `mmpretrain export` can rebuild it without the config
-        checkpoint["mmpretrain"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}"}
+        # what built this checkpoint, so that `mmpretrain export` can rebuild it without the config; the
+        # generator states of every rank (collective: Lightning dumps checkpoints on every rank) and the
+        # skip counters, so that a resumed run continues the same random draws. Plain types only.
+        checkpoint["mmpretrain"] = {
+            "task": f"{type(self).__module__}.{type(self).__qualname__}",
+            "rng": gather_objects(capture_rng_state()),
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skipped_steps": self.consecutive_skipped_steps,
+        }
 
-    # -- throughput -------------------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ours = checkpoint.get("mmpretrain") or {}
+        state = checkpoint.get("state_dict")
+        if self.model is not None and isinstance(state, dict) and state:
+            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            check_state_dict_fits(
+                self.state_dict(), state, what=f"--ckpt_path {path}" if path else "checkpoint",
+                saved_by=ours.get("task"),
+                hint="Resume with the configuration it was trained with (its hyperparameters are inside: "
+                     "torch.load(path, weights_only=True)['hyper_parameters']); to start another model from its "
+                     "weights, use the task's init_from instead of --ckpt_path.",
+            )
+        self.skipped_steps = int(ours.get("skipped_steps", 0))
+        self.consecutive_skipped_steps = int(ours.get("consecutive_skipped_steps", 0))
+        states = ours.get("rng") or []
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if len(states) == world:
+            # applied at the first training batch, after whatever setup draws in between
+            self._rng_to_restore = states[rank]
+        elif states:
+            log.warning("the checkpoint holds generator states of %d ranks, this run has %d: random draws continue "
+                        "from this run's seed instead", len(states), world)
+
+    # -- the data against the model, before training starts ----------------------------------------------
+    def on_fit_start(self) -> None:
+        self.check_data()
+
+    def on_validation_start(self) -> None:
+        self.check_data()
+
+    def on_test_start(self) -> None:
+        self.check_data()
+
+    def on_predict_start(self) -> None:
+        self.check_data()
+
+    def check_data(self) -> None:
+        """Fail with a message naming the fields when the data module's images or tokens do not fit the model:
+        an image size the patch embedding does not tile (or that differs from a fixed input size), a
+        tokenizer vocabulary larger than the model's. Runs once, before the first step."""
+        if self._data_checked or self.model is None or self._trainer is None:
+            return
+        self._data_checked = True
+        data = getattr(self._trainer, "datamodule", None)
+        if data is None:
+            return
+        image_size = getattr(data, "image_size", None)
+        if isinstance(image_size, int):
+            for name, module in self.model.named_modules():
+                check_patch_embedding(name, module, image_size)
+        tokenizer = getattr(data, "tokenizer", None)
+        vocab = getattr(tokenizer, "vocab_size", None)
+        own = getattr(self, "vocab_size", None)
+        if isinstance(vocab, int) and isinstance(own, int) and own < vocab:
+            raise ValueError(
+                f"model.vocab_size ({own}) is smaller than the vocabulary of the data's tokenizer "
+                f"({getattr(data, 'tokenizer_path', tokenizer)}: {vocab} tokens): token ids >= {own} would index "
+                f"past the embedding; leave model.vocab_size to the data (the CLI links data.vocab_size) or use "
+                f"a tokenizer of at most {own} tokens"
+            )
+
+    # -- every training batch ---------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._flops_counted:
             self._flops_counted = True
             self.flops_per_batch = self.count_flops(batch)
+        keys = batch.get("key") if isinstance(batch, dict) else None
+        if isinstance(keys, (list, tuple)):
+            self._step_keys.extend(str(k) for k in keys)
+        if self._rng_to_restore is not None:  # resumed: continue the random draws of the run we continue
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    # -- non-finite steps -------------------------------------------------------------------------------------
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        # every loss backpropagated before the next optimizer step (micro-batches, accumulation); no sync here
+        finite = torch.isfinite(loss.detach()).all()
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.guard_optimizer_step(optimizer)
+
+    def _scaler_active(self) -> bool:
+        plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
+        return getattr(plugin, "scaler", None) is not None
+
+    def guard_optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Skip the coming optimizer step when a loss since the last step or the gradient norm is not finite on
+        any rank: the gradients are dropped, so the optimizer updates neither parameters nor its state. Called
+        after backward and before the optimizer step (Lightning's ``on_before_optimizer_step``, in automatic and
+        manual optimization alike). Returns True when the step is skipped; raises :class:`NonFiniteError` past
+        ``max_skipped_steps`` consecutive skips."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        checks = [] if self._losses_finite is None else [self._losses_finite]
+        if params and not self._scaler_active():
+            checks.append(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])).to(checks[0].device
+                          if checks else params[0].device))
+        local_bad = bool(not torch.stack(checks).all().item()) if checks else False
+        trainer = self._trainer
+        bad = local_bad
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False)
+        keys, self._step_keys, self._losses_finite = self._step_keys, [], None
+        if not bad:
+            self.consecutive_skipped_steps = 0
+            if trainer is not None:
+                self.log("train/skipped_steps", float(self.skipped_steps))
+            return False
+        for p in params:
+            p.grad = None
+        self.skipped_steps += 1
+        self.consecutive_skipped_steps += 1
+        step = self.global_step
+        where = f"its batch held keys {_listed_keys(keys)}" if local_bad else "another rank's batch was"
+        if trainer is not None:
+            self.log("train/skipped_steps", float(self.skipped_steps))
+        limit = self.max_skipped_steps
+        if limit is not None and self.consecutive_skipped_steps > limit:
+            culprits = [k for ks in gather_objects(keys if local_bad else []) for k in ks]
+            raise NonFiniteError(
+                f"training step {step}: non-finite loss or gradient norm in {self.consecutive_skipped_steps} "
+                f"consecutive steps (more than model.max_skipped_steps={limit}); the last offending batch held keys "
+                f"{_listed_keys(culprits)}. Lower the learning rate, clip gradients (trainer.gradient_clip_val), "
+                f"use bf16 rather than fp16, or inspect these samples (python -m data_tools.inspect_shards)"
+            )
+        log.warning("training step %d skipped: non-finite loss or gradient norm (%s); %d skipped in all, %d in a "
+                    "row", step, where, self.skipped_steps, self.consecutive_skipped_steps)
+        return True
 
     def count_flops(self, batch: Any) -> int | None:
         """FLOPs of one forward and backward step on ``batch``, counted on a copy of the model built on the meta device."""
@@ -129,3 +289,40 @@ class Task(pl.LightningModule):
             return None
         rank_zero_info(f"mmpretrain: {flops / 1e9:.2f} GFLOPs per training step per device")
         return flops
+
+
+def _listed_keys(keys: list[str], most: int = 8) -> str:
+    if not keys:
+        return "(unknown: the batches carry no 'key')"
+    return "[" + ", ".join(keys[:most]) + (f", ... ({len(keys)} in all)" if len(keys) > most else "") + "]"
+
+
+def check_patch_embedding(name: str, module: nn.Module, image_size: int) -> None:
+    """Raise ValueError when ``image_size`` square images do not fit a patch embedding module (timm's
+    ``PatchEmbed`` or any module with ``patch_size`` and ``img_size`` and a convolution ``proj``)."""
+    patch = getattr(module, "patch_size", None)
+    if patch is None or not hasattr(module, "img_size"):
+        return
+    proj = getattr(module, "proj", None)
+    kernel = tuple(proj.kernel_size) if isinstance(proj, nn.Conv2d) else tuple(_pair(patch))
+    stride = tuple(proj.stride) if isinstance(proj, nn.Conv2d) else kernel
+    bad = [d for d, (k, s) in enumerate(zip(kernel, stride)) if image_size < k or (image_size - k) % s]
+    if bad:
+        k, s = kernel[bad[0]], stride[bad[0]]
+        fit = max(k, k + s * math.floor((image_size - k) / s))
+        raise ValueError(
+            f"data.image_size ({image_size}) does not tile into the model's patches ({name}: patch {k}, stride "
+            f"{s}): choose an image size such as {fit} or {fit + s} (patch + a multiple of the stride), or "
+            f"another patch_size in the model's arguments"
+        )
+    fixed = getattr(module, "img_size", None)
+    if fixed is not None and getattr(module, "strict_img_size", True) and tuple(_pair(fixed)) != (image_size, image_size):
+        raise ValueError(
+            f"data.image_size ({image_size}) differs from the model's input size {tuple(_pair(fixed))} ({name}): set "
+            f"them equal (the model's img_size argument, e.g. model.init_args.backbone_kwargs.img_size for "
+            f"classification, or data.init_args.image_size)"
+        )
+
+
+def _pair(x: Any) -> tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, int) else tuple(int(v) for v in x)  # type: ignore[return-value]
