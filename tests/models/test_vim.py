@@ -187,11 +187,11 @@ def test_classification_task_trains_a_tiny_vim(tmp_path):
     task.model.eval()
     with torch.no_grad():
         before = F.cross_entropy(task.model(batch["image"]), batch["label"]).item()
-    fit(task, 12, tmp_path, batch)
+    fit(task, 8, tmp_path, batch)
     task.model.eval()
     with torch.no_grad():
         after = F.cross_entropy(task.model(batch["image"]), batch["label"]).item()
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.7 * before, (before, after)  # measured: 1.40 -> 0.64
     assert task.flops_per_batch and task.flops_per_batch > 0  # counted on the meta device
 
 
