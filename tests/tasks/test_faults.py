@@ -254,3 +254,55 @@ def test_a_shard_that_disappears_mid_run_is_reported_by_name(tmp_path, strict, c
     assert "train1-000000.tar disappeared (no such file)" in caplog.text
     rows = [r for r in metric_rows(tmp_path) if r.get("data/train_bad_shards")]
     assert float(rows[-1]["data/train_bad_shards"]) == 1.0
+
+
+# -- checkpoint writes ------------------------------------------------------------------------------------------
+def test_a_failure_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    from mmpretrain.checkpoints import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the partial temporary file is gone
+
+
+WRITER = """
+import sys, torch
+from mmpretrain.checkpoints import AtomicCheckpointIO
+io, step = AtomicCheckpointIO(), 0
+while True:
+    step += 1
+    io.save_checkpoint({"global_step": step, "w": torch.full((2_000_000,), float(step))}, sys.argv[1])
+    print(step, flush=True)
+"""
+
+
+def test_a_kill_mid_write_never_corrupts_the_checkpoint(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "last.ckpt"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        for _ in range(3):  # a few complete writes, then a kill at an arbitrary point of the next ones
+            proc.stdout.readline()
+        time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    checkpoint = torch.load(path, weights_only=True)
+    step = checkpoint["global_step"]
+    assert step >= 3 and torch.equal(checkpoint["w"], torch.full((2_000_000,), float(step)))

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import signal
+import signal as signal_module
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,18 @@ class KillAfterCheckpoint(Callback):
             os.killpg(0, signal.SIGKILL)
 
 
+class SignalDuringStep(Callback):
+    """Test helper: send ``signal`` to the run in the middle of step ``step`` (before its optimizer step)."""
+
+    def __init__(self, step: int, signal: str) -> None:
+        self.step = step
+        self.signum = getattr(signal_module, signal)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), self.signum)
+
+
 def fit(root: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mmpretrain", "fit", *DEMO, "--trainer.default_root_dir", str(root), *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -77,16 +90,10 @@ def uninterrupted(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("kill_after", [4, 8])  # mid-epoch, and the last step of the first epoch
-def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, uninterrupted, kill_after):
-    run = tmp_path / "run"
-    killed = fit(run, "--trainer.callbacks+=tests.tasks.test_resume.KillAfterCheckpoint",
-                 f"--trainer.callbacks.step={kill_after}")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+def assert_resumed_like_the_uninterrupted_run(run: Path, uninterrupted: Path, stopped_at: int) -> None:
     checkpoints = run / "tb/version_0/checkpoints"
-    assert (checkpoints / f"step{kill_after:08d}.ckpt").is_file()
-    assert not (checkpoints / f"step{kill_after + 4:08d}.ckpt").exists()
-
+    assert (checkpoints / f"step{stopped_at:08d}.ckpt").is_file()
+    assert not (checkpoints / "step00000012.ckpt").exists()
     resumed = fit(run, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resuming from {checkpoints / 'last.ckpt'}" in resumed.stderr + resumed.stdout
@@ -96,10 +103,33 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, uni
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
-    # the steps after the resume saw the same batches: same losses
-    after = {s: v for s, v in losses(run).items() if s > kill_after}
+    # the steps after the resume saw the same batches and the same drop-path draws: the same losses
+    after = {s: v for s, v in losses(run).items() if s > stopped_at}
     reference = losses(uninterrupted)
     assert after and all(abs(v - reference[s]) < 1e-5 for s, v in after.items())
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    # SIGKILL in the middle of step 5, after the checkpoint of step 4
+    killed = fit(run, "--trainer.callbacks+=tests.tasks.test_resume.KillAfterCheckpoint",
+                 "--trainer.callbacks.step=4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    assert_resumed_like_the_uninterrupted_run(run, uninterrupted, stopped_at=4)
+
+
+@pytest.mark.parametrize(("signal_name", "step"), [("SIGUSR1", 8), ("SIGTERM", 7)])
+def test_a_signal_saves_at_the_next_step_boundary_and_stops(tmp_path, uninterrupted, signal_name, step):
+    """SIGUSR1 during the last step of the first epoch; SIGTERM during step 7 (neither on the checkpoint schedule,
+    SIGTERM through Lightning's own handler): the run saves that step, stops cleanly, and resumes exactly."""
+    run = tmp_path / "run"
+    stopped = fit(run, "--trainer.callbacks+=tests.tasks.test_resume.SignalDuringStep",
+                  f"--trainer.callbacks.step={step}", f"--trainer.callbacks.signal={signal_name}")
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    assert f"{signal_name} received; saved step {step}" in stopped.stderr + stopped.stdout
+    last = torch.load(run / "tb/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == step
+    assert_resumed_like_the_uninterrupted_run(run, uninterrupted, stopped_at=step)
 
 
 # -- the data position alone, at the stream level --------------------------------------------------------------
@@ -193,3 +223,33 @@ def test_position_from_another_setting_is_refused_with_a_warning(tmp_path, caplo
         second.load_state_dict(state)
     assert "num_workers was 4, now 1" in caplog.text
     assert len(list(second)) == len(second)  # the epoch starts over
+
+
+# -- checkpoint schedule and retention, in process ----------------------------------------------------------------
+def test_checkpoints_keep_the_last_k_and_the_final_step(tmp_path, image_shards):
+    import lightning.pytorch as pl
+
+    from mmpretrain.checkpoints import AtomicCheckpointIO, StepCheckpoint
+    from mmpretrain.data.classification import ImageLabelDataModule
+    from mmpretrain.tasks.classification import ImageClassification
+
+    data = ImageLabelDataModule(train_shards=image_shards([16]), image_size=16, batch_size=4, num_workers=0,
+                                mode="epoch")
+    task = ImageClassification(backbone="vit_tiny_patch16_224", num_classes=3, backbone_kwargs={
+        "img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2})
+    checkpoint = StepCheckpoint(dirpath=tmp_path / "ckpt", filename="step{step:08d}", monitor="step", mode="max",
+                                save_top_k=2, every_n_train_steps=2, save_last=True, auto_insert_metric_name=False)
+    trainer = pl.Trainer(max_steps=7, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=tmp_path, callbacks=[checkpoint])
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    trainer.fit(task, datamodule=data)
+    # steps 2, 4, 6 on schedule (2 kept), 7 at the end (a step of its own, which ranks first)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step00000006.ckpt",
+                                                                      "step00000007.ckpt"]
+    last = torch.load(tmp_path / "ckpt/last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 7
+    # what mmpretrain adds is plain: the task, per-rank generator states, the data position
+    assert last["mmpretrain"]["task"] == "mmpretrain.tasks.classification.ImageClassification"
+    assert len(last["mmpretrain"]["rng"]) == 1 and last["mmpretrain"]["skipped_steps"] == 0
+    (position,) = last["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert position["ranks"][0]["batches"] == 3  # 4 batches per epoch: 7 steps = one epoch and 3 batches
