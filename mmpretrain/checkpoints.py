@@ -192,7 +192,9 @@ class StepCheckpoint(ModelCheckpoint):
     # -- signals -------------------------------------------------------------------------------------------
     @staticmethod
     def _requeue_environment(trainer: Trainer) -> SLURMEnvironment | None:
-        env = getattr(trainer.strategy, "cluster_environment", None)
+        # where Lightning's signal connector looks (single-device strategies hold no cluster environment)
+        connector = getattr(trainer, "_accelerator_connector", None)
+        env = getattr(connector, "cluster_environment", None) or getattr(trainer.strategy, "cluster_environment", None)
         return env if isinstance(env, SLURMEnvironment) and env.auto_requeue else None
 
     def _signals(self, trainer: Trainer) -> set[int]:

@@ -253,3 +253,56 @@ def test_checkpoints_keep_the_last_k_and_the_final_step(tmp_path, image_shards):
     assert len(last["mmpretrain"]["rng"]) == 1 and last["mmpretrain"]["skipped_steps"] == 0
     (position,) = last["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert position["ranks"][0]["batches"] == 3  # 4 batches per epoch: 7 steps = one epoch and 3 batches
+
+
+def tiny_fit(tmp_path: Path, image_shards, callbacks: list, max_steps: int = 8, **trainer_kwargs):
+    import lightning.pytorch as pl
+
+    from mmpretrain.checkpoints import AtomicCheckpointIO, StepCheckpoint
+    from mmpretrain.data.classification import ImageLabelDataModule
+    from mmpretrain.tasks.classification import ImageClassification
+
+    data = ImageLabelDataModule(train_shards=image_shards([16]), val_shards=image_shards([8]), image_size=16,
+                                batch_size=4, num_workers=0, mode="epoch")
+    task = ImageClassification(backbone="vit_tiny_patch16_224", num_classes=3, backbone_kwargs={
+        "img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2})
+    checkpoint = StepCheckpoint(dirpath=tmp_path / "ckpt", filename="step{step:08d}", monitor="step", mode="max",
+                                every_n_train_steps=100, save_last=True, auto_insert_metric_name=False)
+    trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=tmp_path, callbacks=[checkpoint, *callbacks],
+                         num_sanity_val_steps=0, **trainer_kwargs)
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    trainer.fit(task, datamodule=data)
+    return trainer
+
+
+class SignalDuringValidation(Callback):
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_validation_saves_the_step_before_it(tmp_path, image_shards):
+    with pytest.raises(SystemExit):  # Lightning ends the run with SIGTERMException between validation batches
+        tiny_fit(tmp_path, image_shards, [SignalDuringValidation()], val_check_interval=3,
+                 check_val_every_n_epoch=None, limit_val_batches=2)
+    saved = torch.load(tmp_path / "ckpt/last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3 and (tmp_path / "ckpt/step00000003.ckpt").is_file()
+
+
+def test_under_slurm_the_requeue_signal_runs_lightnings_requeue_at_a_step_boundary(tmp_path, image_shards,
+                                                                                   monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.trainer.connectors import signal_connector
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "pretrain"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    requeued = []
+    monkeypatch.setattr(signal_connector, "call", lambda cmd, **kw: requeued.append(cmd) or 0)
+    trainer = tiny_fit(tmp_path, image_shards, [SignalDuringStep(step=3, signal="SIGUSR1")],
+                       plugins=[SLURMEnvironment(auto_requeue=True)])
+    assert requeued == [["scontrol", "requeue", "4242"]]
+    hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    assert hpc["global_step"] == 3 and trainer.global_step == 3  # saved at the boundary, then stopped
