@@ -306,7 +306,8 @@ def check_patch_embedding(name: str, module: nn.Module, image_size: int) -> None
     proj = getattr(module, "proj", None)
     kernel = tuple(proj.kernel_size) if isinstance(proj, nn.Conv2d) else tuple(_pair(patch))
     stride = tuple(proj.stride) if isinstance(proj, nn.Conv2d) else kernel
-    bad = [d for d, (k, s) in enumerate(zip(kernel, stride)) if image_size < k or (image_size - k) % s]
+    padded = bool(getattr(module, "dynamic_img_pad", False))  # pads inputs up to whole patches itself
+    bad = [d for d, (k, s) in enumerate(zip(kernel, stride)) if image_size < k or ((image_size - k) % s and not padded)]
     if bad:
         k, s = kernel[bad[0]], stride[bad[0]]
         fit = max(k, k + s * math.floor((image_size - k) / s))
