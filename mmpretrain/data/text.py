@@ -164,8 +164,9 @@ class TextPacker:
         docs: list[int] = []
         keys: list[tuple[int, str]] = []  # (start offset in the buffer, key) of each document
         documents = map_samples(samples, self.tokenize, self.stats, self.strict, self.name)
-        # the spans' own generator: a pure function of the worker's seed, drawing nothing from it
-        span_rng = random.Random(hash(rng.getstate())) if self.spans is not None else None
+        # the spans' own generator: a pure function of the worker's generator state, drawing nothing from it
+        # (the state's integers only: before Python 3.12 hash(None), also in the state, changes between runs)
+        span_rng = random.Random(hash(rng.getstate()[1])) if self.spans is not None else None
         for doc, (tokens, key) in enumerate(documents):
             keys.append((len(ids), key))
             ids.extend(tokens)

@@ -66,17 +66,18 @@ Generation
 inside the prompt and/or an image, with a key/value cache (:class:`KVCache`); ``use_cache=False``
 recomputes the whole sequence at every step, which the cached path equals.
 
-Named configurations (``create_metalm(name, **overrides)``; parameter counts at the stated vocabulary)
------------------------------------------------------------------------------------------------------
-================  ==============================================================================  ===========
-``metalm_1p3b``   decoder 24 x 2048 (32 heads, GELU 4x), span encoder 24 x 1024 (16 heads), 2048   1.623B
-                  tokens, vocab 50304: decoder 1.3114B (103.0M of it the tied embedding), encoder
-                  0.3539B (51.5M embedding), connector 2.1M
-``metalm_base``   decoder 12 x 768 (12 heads), span encoder 12 x 768 (12 heads), vocab 50304         0.2480B
-``metalm_demo``   4 x 128 decoder, 2 x 128 encoder: CPU demos and tests (vocab 4096)                 1.84M
-``metalm_vl_demo``  4 x 128 decoder and a 4 x 128 ViT on 64 px images in 8 px patches, no span
-                  encoder: the image-text CPU demo (vocab 4096)                                    1.85M
-================  ==============================================================================  ===========
+Named configurations (``create_metalm(name, **overrides)``; parameters at the vocabulary named)
+------------------------------------------------------------------------------------------------
+==================  ========================================================================  ==========
+``metalm_1p3b``     decoder 24 x 2048 (32 heads, GELU 4x), span encoder 24 x 1024 (16 heads),     1.6675B
+                    2048 tokens; vocab 50304: decoder 1.3116B (0.1030B of it the tied
+                    embedding), encoder 0.3538B (0.0515B embedding), connector 2.1M; at
+                    vocabulary V: 1.5130B + 3072 V
+``metalm_base``     decoder 12 x 768 (12 heads), span encoder 12 x 768 (12 heads); vocab 50304      0.2480B
+``metalm_demo``     decoder 4 x 128, span encoder 2 x 128: CPU demos and tests; vocab 4096          2.26M
+``metalm_vl_demo``  decoder 4 x 128 and a 4 x 128 ViT on 64 px images in 8 px patches (64 image     2.16M
+                    tokens), no span encoder: the image-text CPU demo; vocab 4096
+==================  ========================================================================  ==========
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,6 +170,15 @@ def test_span_draws_are_reproducible_and_leave_the_documents_alone(tmp_path):
     for b in first:
         assert not (span_token_mask(b["spans"], *b["input_ids"].shape) & (b["doc_ids"] < 0)).any()
     assert (first[-1]["doc_ids"] < 0).any()  # the padded tail was there to check
+    # and in another process (a fresh interpreter: nothing hashed from its addresses may seed the spans)
+    code = ("import sys, torch; from mmpretrain.data.text import TextDataModule; "
+            f"dm = TextDataModule(val_shards={pattern!r}, tokenizer='demo', seq_len=64, batch_size=4, num_workers=0, "
+            "spans={'min_len': 4, 'max_len': 12, 'coverage': 0.25}); "
+            "print(torch.cat([b['spans'] for b in dm.val_dataloader()]).tolist())")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(torch.cat([b["spans"] for b in first]).tolist())
     # the documents are the same with and without spans (the spans' generator draws nothing from the stream's)
     batches = list(dm.train_dataloader())
     plain_batches = list(TextDataModule(**kwargs).train_dataloader())
