@@ -44,7 +44,7 @@ class ImageClassification(Task):
         grad_checkpointing: recompute each block's activations in the backward pass.
         compile: ``torch.compile`` the model (in place; checkpoint keys are unchanged).
         compile_mode: ``torch.compile`` mode (``default``, ``max-autotune-no-cudagraphs`` ...).
-        optimizer, lr_scheduler, lr_reference_batch: see :class:`~mmpretrain.tasks.base.Task`.
+        optimizer, lr_scheduler, lr_reference_batch, max_skipped_steps: see :class:`~mmpretrain.tasks.base.Task`.
     """
 
     def __init__(
@@ -67,8 +67,10 @@ class ImageClassification(Task):
         optimizer: OptimizerCallable = adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_reference_batch: int | None = None,
+        max_skipped_steps: int | None = 10,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_reference_batch=lr_reference_batch)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_reference_batch=lr_reference_batch,
+                         max_skipped_steps=max_skipped_steps)
         if num_classes < 1:
             raise ValueError(f"model.num_classes must be positive, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:

@@ -99,8 +99,8 @@ class ContrastivePretraining(Task):
             batch is ``world size x data.batch_size``, whatever this number.
         max_logit_scale: upper bound of the log logit scale, applied after every optimizer step.
         compile: ``torch.compile`` the model in place (checkpoint keys are unchanged).
-        optimizer, lr_scheduler: see :class:`~mmpretrain.tasks.base.Task`; the default optimizer is
-            :func:`clip_adamw`.
+        optimizer, lr_scheduler, max_skipped_steps: see :class:`~mmpretrain.tasks.base.Task`; the default
+            optimizer is :func:`clip_adamw`.
     """
 
     model: CLIP | None
@@ -119,8 +119,9 @@ class ContrastivePretraining(Task):
         compile: bool = False,
         optimizer: OptimizerCallable = clip_adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
+        max_skipped_steps: int | None = 10,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, max_skipped_steps=max_skipped_steps)
         if preset not in list_clip_models():
             raise ValueError(f"model.preset: {preset!r} is not a CLIP configuration; choose one of {list_clip_models()}")
         overrides = dict(overrides or {})
