@@ -15,7 +15,7 @@ Every run: synthetic batch already on the GPU, bf16 autocast, float32 weights; t
 cross-entropy, backward and an AdamW step; inference runs under ``torch.inference_mode``. Median step time
 over the timed steps after warm-up (benchmarks/timing.py), samples/s, peak memory, and MFU: FLOPs of one
 step over its time and the bf16 dense peak. FLOPs are counted with FlopCounterMode on the meta device
-(matrix products and convolutions); the selective scan, which FlopCounterMode does not see, adds
+(matrix products and convolutions; the mixer skips its scan on meta tensors); the selective scan adds
 9 * batch * d_inner * L * d_state per layer and direction forward (mamba_ssm's count), three times that for
 a training step. Prints a table with each model's ratio to the first model that is not ours (DeiT-Ti) and
 writes JSON.
@@ -24,7 +24,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -39,7 +38,6 @@ from timing import peak_flops, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmpretrain.models  # noqa: F401  (registers vim_* with timm)
-import mmpretrain.models.mamba as mamba
 from mmpretrain.models.mamba import BiMambaMixer
 
 DEFAULT_WORKLOADS = ["train@224x256", "infer@224x256", "train@1248x16", "infer@1248x16"]
@@ -84,34 +82,12 @@ def scan_flops(model: torch.nn.Module, batch: int) -> int:
     return total
 
 
-@contextlib.contextmanager
-def scan_stand_in():
-    """Replace the mixers' selective scan by an elementwise stand-in while FLOPs are counted.
-
-    FlopCounterMode counts no elementwise work, so the scan adds nothing to its count either way (its FLOPs
-    are added by :func:`scan_flops`); the stand-in depends on the same inputs, so every matrix product's
-    backward is counted as with the real scan. It makes counting at 1248 px take seconds: the chunked scan
-    on meta tensors took minutes there.
-    """
-    real = mamba.selective_scan
-
-    def stand_in(u, delta, A, B, C, D=None, z=None, delta_bias=None, **kwargs):
-        y = u + delta + B.sum(1, keepdim=True) + C.sum(1, keepdim=True) + A.sum() + D[:, None] + delta_bias[:, None]
-        return y * z
-
-    mamba.selective_scan = stand_in
-    try:
-        yield
-    finally:
-        mamba.selective_scan = real
-
-
 def count_flops(name: str, size: int, batch: int, num_classes: int, train: bool, extra: dict[str, Any]) -> int:
     with torch.device("meta"):
         model = build(name, size, num_classes, extra)
         x = torch.empty(batch, 3, size, size)
         y = torch.zeros(batch, dtype=torch.long)
-    with scan_stand_in(), FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         if train:
             F.cross_entropy(model(x), y).backward()
         else:

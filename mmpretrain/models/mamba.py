@@ -136,9 +136,16 @@ class BiMambaMixer(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (batch, E, L); the bias goes in as delta_bias
         A = -torch.exp(at_least_fp32(A_log))
+        B, C = B.transpose(1, 2), C.transpose(1, 2)  # (batch, N, L)
+        if x.device.type == "meta":
+            # shape propagation and FLOP counting (FlopCounterMode counts no elementwise work): nothing is
+            # computed on meta tensors, and the chunked scan's loop over chunks took minutes there at long
+            # sequences. The stand-in reads the same inputs, so every matrix product's backward remains.
+            y = x + delta + B.sum(1, keepdim=True) + C.sum(1, keepdim=True) + A.sum() + D[:, None]
+            return (y + dt_proj.bias[:, None]) * z
         return selective_scan(
-            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=at_least_fp32(D), z=z,
-            delta_bias=at_least_fp32(dt_proj.bias), delta_softplus=True, backend=self.backend,
+            x, delta, A, B, C, D=at_least_fp32(D), z=z, delta_bias=at_least_fp32(dt_proj.bias),
+            delta_softplus=True, backend=self.backend,
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -241,3 +241,24 @@ def test_official_vim_layout_converts():
     patches = m.patch_embed(x)
     tokens = torch.cat([patches[:, :i], m.cls_token.expand(2, -1, -1), patches[:, i:]], dim=1) + official_pos
     torch.testing.assert_close(m.embed(x), tokens)
+
+
+def test_meta_device_counts_the_same_flops_as_a_real_run():
+    """On meta tensors the mixer skips its scan (no values there; FlopCounterMode counts no elementwise work):
+    the matrix products of forward and backward are counted exactly as in a real run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(device: str) -> int:
+        with torch.device(device):
+            torch.manual_seed(0)
+            m = Vim(**{**TINY, "num_classes": 5, "backend": "torch"})
+            x = torch.randn(2, 3, 32, 32)
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(m(x), torch.tensor([1, 2], device=device)).backward()
+        return counter.get_total_flops()
+
+    real = count("cpu")
+    assert real > 0 and count("meta") == real
+    with torch.device("meta"):
+        out = timm.create_model("vim_tiny", img_size=1248)(torch.empty(1, 3, 1248, 1248))  # seconds, not minutes
+    assert out.shape == (1, 1000)
