@@ -105,8 +105,8 @@ class SemiCausalLM(Task):
         compile_mode: ``torch.compile`` mode.
         max_new_tokens: longest caption ``predict`` generates.
         temperature, top_k, top_p: sampling in ``predict`` (temperature 0: greedy).
-        optimizer, lr_scheduler, lr_reference_batch: see :class:`~mmpretrain.tasks.base.Task`; the default
-            optimizer is :func:`metalm_adamw`. No weight decay on norms, biases and embeddings (the tied output
+        optimizer, lr_scheduler, lr_reference_batch, max_skipped_steps: see :class:`~mmpretrain.tasks.base.Task`;
+            the default optimizer is :func:`metalm_adamw`. No weight decay on norms, biases and embeddings (the tied output
             projection is the token embedding).
     """
 
@@ -131,8 +131,10 @@ class SemiCausalLM(Task):
         optimizer: OptimizerCallable = metalm_adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_reference_batch: int | None = None,
+        max_skipped_steps: int | None = 10,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_reference_batch=lr_reference_batch)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_reference_batch=lr_reference_batch,
+                         max_skipped_steps=max_skipped_steps)
         if preset not in list_metalm_models():
             raise ValueError(f"model.preset: {preset!r} is not a METALM configuration; choose one of "
                              f"{list_metalm_models()}")
