@@ -14,6 +14,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+import mmpretrain.models  # noqa: F401  (registers our timm models: vim_tiny, vim_lru_tiny ...)
 from mmpretrain.optim import param_groups
 from mmpretrain.tasks.base import Task, adamw
 
