@@ -83,6 +83,11 @@ class Task(pl.LightningModule):
         self._data_checked = False
 
     # -- to implement -------------------------------------------------------------------------------------
+    def _datamodule(self) -> Any:
+        """The trainer's data module, or None (no trainer yet, or data given as bare loaders)."""
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 

@@ -182,10 +182,6 @@ class ContrastivePretraining(Task):
         if self.compile_model:
             self.model.compile()
 
-    def _datamodule(self) -> Any:
-        trainer = self._trainer
-        return getattr(trainer, "datamodule", None) if trainer is not None else None
-
     def _take_from_data(self) -> None:
         """Read the vocabulary size and end-of-text id from the data module's tokenizer; check sizes."""
         data = self._datamodule()

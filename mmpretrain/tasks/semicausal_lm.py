@@ -195,10 +195,6 @@ class SemiCausalLM(Task):
                 for block in blocks or []:
                     block.compile(mode=self.compile_mode)
 
-    def _datamodule(self) -> Any:
-        trainer = self._trainer
-        return getattr(trainer, "datamodule", None) if trainer is not None else None
-
     def _take_from_data(self) -> None:
         """Vocabulary size and special ids from the data's tokenizer; checks that data and model fit."""
         data = self._datamodule()
