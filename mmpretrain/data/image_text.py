@@ -143,11 +143,14 @@ class ImageTextDecoder:
 
 
 def collate_image_text(items: list[dict]) -> dict[str, Any]:
-    batch = {
-        "image": torch.stack([it["image"] for it in items]),
-        "input_ids": torch.stack([it["input_ids"] for it in items]),
-        "key": [it["key"] for it in items],
-    }
-    if "label" in items[0]:
-        batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    """Stack the samples' tensors (image, input_ids, and doc_ids where there are), labels into a long
+    tensor, keys into a list."""
+    batch: dict[str, Any] = {}
+    for name, value in items[0].items():
+        if isinstance(value, torch.Tensor):
+            batch[name] = torch.stack([it[name] for it in items])
+        elif name == "label":
+            batch[name] = torch.tensor([it[name] for it in items], dtype=torch.long)
+        else:
+            batch[name] = [it[name] for it in items]
     return batch

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from mmpretrain.data.decode import SkipSample, decode_image, image_member, read_label, read_text
-from mmpretrain.data.image_text import ImageTextDataModule, ImageTextDecoder
+from mmpretrain.data.image_text import ImageTextDataModule, ImageTextDecoder, collate_image_text
 from mmpretrain.data.tokenizer import Tokenizer
 
 __all__ = ["CaptionDecoder", "ImageCaptionDataModule", "collate_image_caption"]
@@ -74,13 +74,4 @@ class CaptionDecoder(ImageTextDecoder):
         return item
 
 
-def collate_image_caption(items: list[dict]) -> dict[str, Any]:
-    batch = {
-        "image": torch.stack([it["image"] for it in items]),
-        "input_ids": torch.stack([it["input_ids"] for it in items]),
-        "doc_ids": torch.stack([it["doc_ids"] for it in items]),
-        "key": [it["key"] for it in items],
-    }
-    if "label" in items[0]:
-        batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
-    return batch
+collate_image_caption = collate_image_text  # the same batch, with doc_ids stacked like the other tensors
