@@ -1,77 +1,132 @@
-"""The selective scan as a chunked parallel scan in plain PyTorch (any device; the CPU path and GPU fallback).
+"""The selective scan in plain PyTorch, chunk by chunk, with a hand-written backward (the ``torch`` backend).
 
-The sequence is cut into chunks of T steps. Inside a chunk, with dA_t = delta_t * A (<= 0 for the usual
-negative A) and a_t = exp(dA_t), the state is
+The sequence is cut into chunks of T steps, laid out time-first so that one step's (batch, dim, N) state
+is one contiguous block. Inside a chunk everything that does not depend on the previous state runs as a
+few large vectorised operations over the whole chunk (the decays a_t = exp(delta_t A), the inputs
+delta_t B_t u_t, the read-out C_t . x_t and every gradient reduction); only the recurrence itself,
 
-    x_t = exp(sum_{k<=t} dA_k) * x_in + sum_{s<=t} exp(segsum[t, s]) * delta_s * B_s * u_s,
-    segsum[t, s] = sum_{s<k<=t} dA_k  (s <= t),  -inf above the diagonal,
+    x_t = a_t * x_{t-1} + b_t                 (forward)
+    g_t = C_t dy_t + a_{t+1} * g_{t+1}        (backward: g_t = dLoss/dx_t)
 
-so every exponent is a sum of the increments themselves, never a difference of two large cumulative sums:
-nothing overflows and nothing cancels (the "stable segsum" of Mamba-2's minimal implementation). The
-state at the chunk's end is carried to the next chunk. Working memory is (batch, dim, N, T, T) for one
-chunk, never (batch, dim, L, N) for the whole sequence; when gradients are needed each chunk runs under
-``torch.utils.checkpoint``, so what autograd keeps is the chunk inputs plus one (batch, dim, N) state per
-chunk, and the chunk's internals are recomputed in the backward pass.
+is a loop over the chunk's steps, one in-place multiply-add of a (batch, dim, N) block per step. This is
+the sequential recurrence of the reference, so it is exact and unconditionally stable (no cumulative sums
+of log-decays, no divisions, nothing to overflow for any delta and A), while it does far fewer and larger
+operations than the reference's autograd graph: on one CPU core a Vim layer's forward and backward are
+several times faster (see ``docs/benchmarks.md``).
+
+Memory: the forward keeps the inputs in float32 (time-first copies, O(batch*dim*L)) and one (batch, dim, N)
+state per chunk (the full state divided by T); the backward recomputes each chunk's states from its
+starting state. Working memory is a few (T, batch, dim, N) tensors of one chunk. Nothing of size
+(batch, dim, L, N) exists at any time.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .reference import compute_dtype, finish_output, prepare_delta
 
-# elements of one (batch, dim, N, T, T) chunk tensor that the automatic chunk size aims to stay under
-_CHUNK_BUDGET = 1 << 25
+# elements of one (T, batch, dim, N) chunk buffer that the automatic chunk size aims for, by device type:
+# CPUs want the chunk's buffers in cache (measured on one core at Vim shapes: 4M elements per buffer was
+# 1.3x slower than 1M); GPUs want few, large operations (each one costs a launch and host time)
+_CHUNK_ELEMENTS = {"cpu": 1 << 20}
+_CHUNK_ELEMENTS_OTHER = 1 << 24
+_MAX_CHUNK = 64
 
 
-def auto_chunk_size(batch: int, dim: int, N: int, L: int) -> int:
-    """Largest power of two T (4..16) with batch*dim*N*T*T under the budget, and no longer than needed for L.
+def auto_chunk_size(batch: int, dim: int, N: int, L: int, device: torch.device | str = "cpu") -> int:
+    """Steps per chunk T: as many as keep one (T, batch, dim, N) buffer under a per-device budget, 1..64, <= L.
 
-    The work per step grows with T (the (T, T) decay matrix); larger T only saves per-chunk overhead.
+    The budget is 1M elements (4 MiB float32) on CPUs and 16M elsewhere (GPUs). The recurrence does the
+    same work for any T; what T changes is the number of vectorised operations per step and the size of
+    the working set (about four chunk buffers).
     """
-    t = 4
-    while t < 16 and t < L and batch * dim * N * (2 * t) ** 2 <= _CHUNK_BUDGET:
-        t *= 2
-    return t
+    budget = _CHUNK_ELEMENTS.get(torch.device(device).type, _CHUNK_ELEMENTS_OTHER)
+    return max(1, min(_MAX_CHUNK, budget // max(1, batch * dim * N), L))
 
 
-def _upper_masks(T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s >= t, s > t) as (T, T) booleans indexed [t, s]: what segsum blanks before and after its cumsum."""
-    idx = torch.arange(T, device=device)
-    return idx[None, :] >= idx[:, None], idx[None, :] > idx[:, None]
+def _chunk_states(x0, dt, u, B, A, a, x):
+    """A chunk's decays and states, written into the buffers a and x (T, b, G, dg, N).
 
-
-def segsum(dA: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """(..., T) -> (..., T, T) with [t, s] = sum_{s<k<=t} dA[k] for s <= t and -inf above the diagonal."""
-    T = dA.shape[-1]
-    not_strictly_lower, upper = masks if masks is not None else _upper_masks(T, dA.device)
-    x = dA[..., :, None].expand(*dA.shape, T)  # x[..., t, s] = dA[t]
-    x = x.masked_fill(not_strictly_lower, 0.0)
-    out = torch.cumsum(x, dim=-2)  # sum over k <= t of dA[k] * [k > s]
-    return out.masked_fill(upper, -math.inf)
-
-
-def _scan_chunk(x0, u, dt, A, B, C, masks=None):
-    """One chunk. x0 (b, G, dg, N); u, dt (b, G, dg, T); A (G, dg, N); B, C (b, G, N, T) in any float dtype.
-
-    Returns y (b, G, dg, T) and the state after the chunk (b, G, dg, N), both in x0's dtype.
+    x0 (b, G, dg, N) is the state entering the chunk; dt, u (T, b, G, dg); B (T, b, G, N); A (G, dg, N).
+    Afterwards a[t] = exp(dt_t A) and x[t] is the state after step t.
     """
-    ct = x0.dtype
-    B = B.to(ct)[:, :, None]  # (b, G, 1, N, T)
-    C = C.to(ct)[:, :, None]
-    dA = dt[..., None, :] * A[..., None]  # (b, G, dg, N, T)
-    decay_in = torch.exp(torch.cumsum(dA, dim=-1))  # exp(sum_{k<=t} dA_k)
-    if masks is None or masks[0].shape[0] != dA.shape[-1]:  # the last chunk may be shorter
-        masks = _upper_masks(dA.shape[-1], dA.device)
-    L_mat = torch.exp(segsum(dA, masks))  # (b, G, dg, N, T, T)
-    dBu = (dt * u)[..., None, :] * B  # (b, G, dg, N, T)
-    # a batched (T, T) x (T,) product, written out: cuBLAS is slow for millions of tiny matrices
-    x = (L_mat * dBu[..., None, :]).sum(dim=-1) + decay_in * x0[..., None]
-    y = (x * C).sum(dim=-2)
-    return y, x[..., -1].contiguous()  # a copy: a view would keep the whole chunk's states alive
+    torch.mul(dt[..., None], A, out=a)
+    a.exp_()
+    torch.mul((dt * u)[..., None], B[:, :, :, None, :], out=x)  # dt_t B_t u_t
+    x[0].addcmul_(a[0], x0)
+    for t in range(1, x.shape[0]):
+        x[t].addcmul_(a[t], x[t - 1])
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y = C . x and the last state for u, dt (b, G, dg, L), A (G, dg, N), B, C (b, G, N, L), all one dtype.
+
+    dt is the final step size (bias and softplus already applied, outside, by autograd).
+    """
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, chunk: int):
+        batch, G, dg, L = u.shape
+        N = A.shape[-1]
+        # time-first copies: step t of a chunk is then one contiguous block
+        uT, dtT = (t.permute(3, 0, 1, 2).contiguous() for t in (u, dt))  # (L, b, G, dg)
+        BT, CT = (t.permute(3, 0, 1, 2).contiguous() for t in (B, C))  # (L, b, G, N)
+        yT = u.new_empty(L, batch, G, dg)
+        starts = list(range(0, L, chunk))
+        states = u.new_empty(len(starts) + 1, batch, G, dg, N)  # [i]: the state entering chunk i; [-1]: the last
+        states[0].zero_()
+        a_buf, x_buf = (u.new_empty(min(chunk, L), batch, G, dg, N) for _ in range(2))
+        for i, s in enumerate(starts):
+            e = min(s + chunk, L)
+            a, x = a_buf[: e - s], x_buf[: e - s]
+            _chunk_states(states[i], dtT[s:e], uT[s:e], BT[s:e], A, a, x)
+            yT[s:e] = torch.einsum("tbgdn,tbgn->tbgd", x, CT[s:e])  # y_t = C_t . x_t
+            states[i + 1] = x[-1]
+        del a_buf, x_buf
+        ctx.save_for_backward(uT, dtT, A, BT, CT, states)
+        ctx.chunk = chunk
+        last = states[-1].clone()  # a copy: a view would keep every chunk's starting state alive
+        return yT.permute(1, 2, 3, 0).contiguous(), last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dlast):
+        uT, dtT, A, BT, CT, states = ctx.saved_tensors
+        chunk = ctx.chunk
+        L = uT.shape[0]
+        dyT = dy.permute(3, 0, 1, 2).contiguous()  # (L, b, G, dg)
+        duT, ddtT = torch.empty_like(uT), torch.empty_like(dtT)
+        dBT, dCT = torch.empty_like(BT), torch.empty_like(CT)
+        dA = torch.zeros_like(A)
+        a_buf, x_buf, g_buf = (uT.new_empty(min(chunk, L), *states.shape[1:]) for _ in range(3))
+        carry = dlast  # dLoss/dx at the chunk's end through later steps (or through the last state itself)
+        for i in reversed(range(states.shape[0] - 1)):
+            s = i * chunk
+            e = min(s + chunk, L)
+            u_k, dt_k, B_k, C_k, dy_k = uT[s:e], dtT[s:e], BT[s:e], CT[s:e], dyT[s:e]
+            a, x, g = a_buf[: e - s], x_buf[: e - s], g_buf[: e - s]
+            _chunk_states(states[i], dt_k, u_k, B_k, A, a, x)
+            dCT[s:e] = torch.einsum("tbgdn,tbgd->tbgn", x, dy_k)  # dC_t[n] = sum_d dy_t[d] x_t[d, n]
+            # g_t = dLoss/dx_t = C_t dy_t + a_{t+1} g_{t+1}
+            torch.mul(dy_k[..., None], C_k[:, :, :, None, :], out=g)
+            g[-1].add_(carry)
+            for t in range(g.shape[0] - 2, -1, -1):
+                g[t].addcmul_(a[t + 1], g[t + 1])
+            carry = a[0] * g[0]
+            # x_t's input term dt_t u_t B_t: d(dt u)_t = sum_n g_t B_t, dB_t[n] = sum_d g_t[d, n] dt_t[d] u_t[d]
+            d_dtu = torch.einsum("tbgdn,tbgn->tbgd", g, B_k)
+            dBT[s:e] = torch.einsum("tbgdn,tbgd->tbgn", g, dt_k * u_k)
+            # the decay a_t = exp(dt_t A): d(dt_t A) = g_t x_{t-1} a_t (x_{-1}: the chunk's starting state)
+            g[1:].mul_(x[:-1])
+            g[0].mul_(states[i])
+            g.mul_(a)
+            ddt = torch.mul(g, A, out=x).sum(-1)  # sum_n d(dt A)[n] A[n]
+            dA.add_(g.mul_(dt_k[..., None]).sum((0, 1)))
+            torch.addcmul(ddt, d_dtu, u_k, out=ddtT[s:e])
+            torch.mul(d_dtu, dt_k, out=duT[s:e])
+        back = lambda t: t.permute(1, 2, 3, 0)  # noqa: E731 - (L, b, G, .) -> (b, G, ., L)
+        return back(duT), back(ddtT), dA, back(dBT), back(dCT), None
 
 
 def selective_scan_chunked(
@@ -87,43 +142,33 @@ def selective_scan_chunked(
     return_last_state: bool = False,
     chunk_size: int | None = None,
 ):
-    """Chunked parallel selective scan; same signature and results as ``selective_scan_reference``.
+    """Chunked selective scan with a hand-written backward; same signature and results as the reference.
 
-    ``chunk_size``: steps per chunk (default: 16, or less so that one chunk's (batch, dim, N, T, T)
-    tensors stay under 32M elements). Computes in float32 (float64 for float64 inputs).
+    ``chunk_size``: steps per chunk (default :func:`auto_chunk_size`: up to 64, fewer when one chunk's
+    (T, batch, dim, N) tensor would pass 4M elements). Computes in float32 (float64 for float64 inputs);
+    the last state is returned in that dtype.
     """
     dtype_in = u.dtype
     ct = compute_dtype(dtype_in)
     batch, dim, L = u.shape
     N = A.shape[1]
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"selective_scan_chunked: chunk_size must be at least 1, got {chunk_size}")
     B4 = B.unsqueeze(1) if B.dim() == 3 else B
     C4 = C.unsqueeze(1) if C.dim() == 3 else C
     G = B4.shape[1]
     dg = dim // G
-    T = chunk_size or auto_chunk_size(batch, dim, N, L)
-
     u_c = u.to(ct)
     dt = prepare_delta(delta.to(ct), None if delta_bias is None else delta_bias.to(ct), delta_softplus)
-    u_g = u_c.view(batch, G, dg, L)
-    dt_g = dt.view(batch, G, dg, L)
-    A_g = A.to(ct).view(G, dg, N)
-    x = u_c.new_zeros(batch, G, dg, N)
-    inputs = (u, delta, A, B, C, D, z, delta_bias)
-    use_checkpoint = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    ys = []
-    # split (one autograd node that concatenates the chunks' gradients), not slicing (whose backward
-    # would write a full-length zero tensor per chunk: quadratic in L)
-    pieces = [torch.split(t, T, dim=-1) for t in (u_g, dt_g, B4, C4)]
-    masks = _upper_masks(T, u.device)
-    for u_k, dt_k, B_k, C_k in zip(*pieces):
-        args = (x, u_k, dt_k, A_g, B_k, C_k, masks)
-        if use_checkpoint:
-            y, x = checkpoint(_scan_chunk, *args, use_reentrant=False)
-        else:
-            y, x = _scan_chunk(*args)
-        ys.append(y)
-    y = torch.cat(ys, dim=-1).reshape(batch, dim, L) if ys else u_c.new_zeros(batch, dim, 0)
+    if L == 0:
+        y = u_c.new_zeros(batch, dim, 0)
+        x = u_c.new_zeros(batch, dim, N)
+    else:
+        T = chunk_size or auto_chunk_size(batch, dim, N, L, u.device)
+        y, x = _ChunkedScan.apply(u_c.reshape(batch, G, dg, L), dt.reshape(batch, G, dg, L), A.to(ct).reshape(G, dg, N),
+                                  B4.to(ct), C4.to(ct), T)
+        y, x = y.reshape(batch, dim, L), x.reshape(batch, dim, N)
     out = finish_output(y, u_c, None if D is None else D.to(ct), z).to(dtype_in)
     if return_last_state:
-        return out, x.reshape(batch, dim, N)
+        return out, x
     return out
