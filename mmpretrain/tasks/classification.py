@@ -40,8 +40,13 @@ class ImageClassification(Task):
             ``lr * layer_decay ** (L - i)``; None for a flat learning rate.
         init_from: start from the weights of a checkpoint: an mmpretrain CLIP checkpoint (its image
             tower; the backbone must be the same timm architecture, e.g. ``vit_base_patch16_clip_224`` for
-            ``clip_vit_b16``) or a classification checkpoint. The head stays new; a position embedding of
-            another grid size is resampled.
+            ``clip_vit_b16``) or a classification checkpoint. The head stays new unless ``init_head``; a
+            position embedding of another grid size is resampled (prefix tokens kept as they are: Vim stores
+            its middle class token's entry first, so a stride-16 Vim resamples to stride 8 correctly).
+        init_head: with ``init_from``, also load the checkpoint's classifier head (a fine-tune on the same
+            classes, e.g. Vim's stride-8 fine-tune). The head's shapes must match (``num_classes``); if they
+            do not, or the checkpoint has no head (a CLIP checkpoint), loading fails and says so. False (the
+            default) starts a new head.
         grad_checkpointing: recompute each block's activations in the backward pass.
         compile: ``torch.compile`` the model (in place; checkpoint keys are unchanged).
         compile_mode: ``torch.compile`` mode (``default``, ``max-autotune-no-cudagraphs`` ...).
@@ -62,6 +67,7 @@ class ImageClassification(Task):
         ema_decay: float | None = None,
         layer_decay: float | None = None,
         init_from: str | None = None,
+        init_head: bool = False,
         grad_checkpointing: bool = False,
         compile: bool = False,
         compile_mode: str = "default",
@@ -91,6 +97,7 @@ class ImageClassification(Task):
         self.ema_decay = ema_decay
         self.layer_decay = layer_decay
         self.init_from = init_from
+        self.init_head = init_head
         self.grad_checkpointing = grad_checkpointing
         self.compile_model = compile
         self.compile_mode = compile_mode
@@ -124,7 +131,7 @@ class ImageClassification(Task):
             return
         self.model = self.build_model()
         if self.init_from is not None:
-            load_backbone_weights(self.model, self.init_from)
+            load_backbone_weights(self.model, self.init_from, init_head=self.init_head)
         if self.ema_decay is not None:
             self.ema = ModelEmaV3(self.model, decay=self.ema_decay)
             self.ema.requires_grad_(False)
@@ -203,10 +210,16 @@ class ImageClassification(Task):
 BACKBONE_PREFIXES = ("model.visual.trunk.", "model.")
 
 
-def load_backbone_weights(model: nn.Module, path: str) -> None:
-    """Load a backbone from an mmpretrain checkpoint (CLIP image tower or classifier), keeping the head new.
+def load_backbone_weights(model: nn.Module, path: str, init_head: bool = False) -> None:
+    """Load a backbone from an mmpretrain checkpoint (CLIP image tower or classifier) into ``model``.
 
-    Raises CheckpointError naming what does not fit when the architectures differ.
+    The head (``head.*``) stays new unless ``init_head``, which loads the checkpoint's head as well and
+    requires it to have the model's shapes. A position embedding of another grid size (another image size
+    or patch stride) is resampled over the patch grid, the model's prefix tokens' entries kept as they are
+    (Vim stores its middle class token's entry first, so the same holds for it).
+
+    Raises CheckpointError naming what does not fit when the architectures (or, with ``init_head``, the
+    heads) differ.
     """
     from timm.layers import resample_abs_pos_embed
 
@@ -219,6 +232,16 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
     head = {k for k in own if k.startswith("head.")}
     best = max((sub_state_dict(state, p) for p in BACKBONE_PREFIXES), key=lambda sd: len(set(sd) & set(own)))
     weights = {k: v for k, v in best.items() if k in own and k not in head}
+    if init_head:
+        theirs = {k: tuple(v.shape) for k, v in best.items() if k.startswith("head.")}
+        ours = {k: tuple(own[k].shape) for k in head}
+        if not head or theirs != ours:
+            raise CheckpointError(
+                f"model.init_from {path}: model.init_head is set, but the checkpoint's head {theirs or 'is absent'} "
+                f"does not fit the model's {ours or '(none)'}; set model.num_classes to the checkpoint's number of "
+                f"classes, or model.init_head false to start a new head"
+            )
+        weights.update({k: best[k] for k in head})
     if "pos_embed" in weights and weights["pos_embed"].shape != own["pos_embed"].shape:
         prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
         weights["pos_embed"] = resample_abs_pos_embed(
