@@ -24,6 +24,7 @@ from mmpretrain.ops.selective_scan import (
     selective_scan_chunked,
     selective_scan_reference,
 )
+from mmpretrain.ops.selective_scan.chunked import auto_chunk_size
 from mmpretrain.ops.selective_scan.dispatch import mamba_ssm_available, triton_available
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -184,6 +185,45 @@ def test_torch_backend_low_precision_inputs_on_cpu():
     got = run_with_grads(lambda **kw: selective_scan(**kw, backend="torch"), t, flags)
     assert got["out"].dtype == torch.bfloat16 and got["last_state"].dtype == torch.float32
     assert_matches(got, reference_of(t, flags), RTOL[torch.bfloat16], "torch bf16 cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_backend_ignores_autocast(device):
+    """Under bf16 autocast the backend's products over N (einsum) must still run in float32."""
+    t, flags = make_inputs(2, 8, 33, 4, 2, "full", torch.float32, device, seed=4)
+    plain = run_with_grads(lambda **kw: selective_scan(**kw, backend="torch"), t, flags)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        cast = run_with_grads(lambda **kw: selective_scan(**kw, backend="torch"), t, flags)
+    assert cast["out"].dtype == torch.float32
+    assert_matches(cast, {k: v.double() for k, v in plain.items()}, 1e-6, "torch under autocast")
+
+
+def test_torch_backend_saves_a_fraction_of_the_full_state():
+    """What autograd keeps for the backward: inputs and one state per chunk, far below (batch, dim, L, N)."""
+    batch, dim, L, N, T = 2, 32, 512, 16, 8
+    t, flags = make_inputs(batch, dim, L, N, 0, "full", torch.float32, "cpu", seed=6)
+    saved = []
+
+    def pack(x):
+        saved.append(x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out, _ = selective_scan_chunked(**t, **flags, chunk_size=T)
+    full_state = batch * dim * L * N * 4
+    # u, delta, z, B, C (and their float32 copies) are O(batch * dim * L); the chunk states full_state / T
+    assert full_state / T <= sum(saved) < full_state / T + 12 * batch * dim * L * 4, sum(saved)
+    out.sum().backward()  # and the saved tensors suffice for the backward
+    assert torch.isfinite(t["A"].grad).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torch_backend_auto_chunk_size(device):
+    """Chunks fill the per-device budget (1M elements per buffer on CPU, 16M on GPUs), within 1..64 and L."""
+    assert auto_chunk_size(32, 384, 16, 197, device) == (5 if device == "cpu" else 64)
+    assert auto_chunk_size(64, 384, 16, 197, device) == (2 if device == "cpu" else 42)
+    assert auto_chunk_size(1, 8, 4, 7, device) == 7  # never longer than the sequence
+    assert auto_chunk_size(512, 4096, 64, 100, device) == 1
 
 
 # --- triton backend --------------------------------------------------------------------------------

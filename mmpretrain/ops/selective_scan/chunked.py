@@ -67,6 +67,11 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, chunk: int):
+        with torch.autocast(u.device.type, enabled=False):  # the products over N stay in u's dtype
+            return _ChunkedScan._forward(ctx, u, dt, A, B, C, chunk)
+
+    @staticmethod
+    def _forward(ctx, u, dt, A, B, C, chunk: int):
         batch, G, dg, L = u.shape
         N = A.shape[-1]
         # time-first copies: step t of a chunk is then one contiguous block
@@ -92,6 +97,11 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dlast):
+        with torch.autocast(dy.device.type, enabled=False):
+            return _ChunkedScan._backward(ctx, dy, dlast)
+
+    @staticmethod
+    def _backward(ctx, dy, dlast):
         uT, dtT, A, BT, CT, states = ctx.saved_tensors
         chunk = ctx.chunk
         L = uT.shape[0]
