@@ -10,6 +10,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 
 from mmpretrain.data.datamodule import ShardDataModule, Split
 from mmpretrain.data.decode import SkipSample, decode_image, image_member, read_label
+from mmpretrain.data.gpu_decode import (
+    DecodeDevice,
+    DeviceImagePlanner,
+    EncodedImage,
+    EncodedImageBatch,
+    UnsupportedTransform,
+    check_decode_device,
+    finish_batch,
+)
 
 
 class ImageLabelDataModule(ShardDataModule):
@@ -27,6 +36,11 @@ class ImageLabelDataModule(ShardDataModule):
             ``{auto_augment: rand-m9-mstd0.5-inc1, re_prob: 0.25, scale: [0.08, 1.0], hflip: 0.5}``.
         eval_transform: keyword arguments for the evaluation transform, e.g. ``{crop_pct: 0.875}``.
         mean, std: normalisation (default ImageNet's).
+        decode_device: where JPEGs are decoded and augmented: ``"cpu"`` (in the workers, the default) or
+            ``"cuda"`` (workers pass the encoded bytes and the augmentation drawn for each sample; the batch
+            is decoded with nvJPEG and transformed on the training device after transfer, see
+            :mod:`mmpretrain.data.gpu_decode`). The device path takes random-resized crops, flips and colour
+            jitter; ``auto_augment`` and random erasing need ``"cpu"``.
         **kwargs: shard, batching and worker options of :class:`ShardDataModule`.
     """
 
@@ -42,6 +56,7 @@ class ImageLabelDataModule(ShardDataModule):
         eval_transform: dict[str, Any] | None = None,
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        decode_device: DecodeDevice = "cpu",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -66,6 +81,11 @@ class ImageLabelDataModule(ShardDataModule):
                 create_transform(image_size, is_training=name == "train_transform", mean=self.mean, std=self.std, **args)
             except TypeError as err:
                 raise ValueError(f"data.{name}: {err} (keys are timm.data.create_transform arguments)") from None
+        check_decode_device(decode_device)
+        self.decode_device = decode_device
+        if decode_device == "cuda":  # fail at configuration time, naming the transform, not in a worker
+            self.transform(train=True)
+            self.transform(train=False)
 
     # -- what the model needs to know (linked into the model by the CLI) ------------------------------------
     @property
@@ -87,18 +107,34 @@ class ImageLabelDataModule(ShardDataModule):
         return self._num_classes if self._num_classes is not None else len(self.class_names)
 
     # -- pipeline ---------------------------------------------------------------------------------------------
-    def transform(self, train: bool):
+    def transform(self, train: bool, split: Split | None = None):
+        """The image transform; with ``decode_device: cuda`` its worker half (a planner)."""
         args = self.train_transform_args if train else self.eval_transform_args
-        return create_transform(self.image_size, is_training=train, mean=self.mean, std=self.std, **args)
+        transform = create_transform(self.image_size, is_training=train, mean=self.mean, std=self.std, **args)
+        if self.decode_device == "cpu":
+            return transform
+        try:
+            return DeviceImagePlanner(transform, split or ("train" if train else "val"))
+        except UnsupportedTransform as err:
+            field = "train_transform" if train else "eval_transform"
+            raise ValueError(f"data.{field} with data.decode_device: cuda: {err}") from None
 
     def process(self, split: Split):
         decode = ImageLabelDecoder(
-            self.transform(train=split == "train"), self.class_names, self.image_key, self.label_key
+            self.transform(train=split == "train", split=split), self.class_names, self.image_key, self.label_key
         )
         return self.mapper(split, decode)
 
     def collate_fn(self):
         return collate_image_label
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``decode_device: cuda``: decode and augment the batch's JPEGs on its device."""
+        if self.decode_device == "cpu" or not isinstance(batch, dict) or not isinstance(batch.get("image"),
+                                                                                          EncodedImageBatch):
+            return batch
+        split = batch["image"].split
+        return finish_batch(batch, self.mean, self.std, self.stats.get(split), self.strict)
 
 
 class ImageLabelDecoder:
@@ -111,14 +147,19 @@ class ImageLabelDecoder:
         self.image_key = image_key
         self.label_key = label_key
 
-    def __call__(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, int, str]:
+    def __call__(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor | EncodedImage, int, str]:
         label = read_label(sample, self.label_key, self.class_to_index)
         if not 0 <= label < self.num_classes:
             raise SkipSample("bad_label", f"label {label} outside [0, {self.num_classes})")
-        image = self.transform(decode_image(image_member(sample, self.image_key)))
+        data = image_member(sample, self.image_key)
+        if isinstance(self.transform, DeviceImagePlanner):  # device decoding: bytes and drawn augmentation
+            image = self.transform.plan(data)
+        else:
+            image = self.transform(decode_image(data))
         return image, label, f"{sample['__url__']}:{sample['__key__']}"
 
 
 def collate_image_label(items: list) -> dict[str, Any]:
     images, labels, keys = zip(*items)
-    return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long), "key": list(keys)}
+    stacked = EncodedImageBatch(images) if isinstance(images[0], EncodedImage) else torch.stack(images)
+    return {"image": stacked, "label": torch.tensor(labels, dtype=torch.long), "key": list(keys)}

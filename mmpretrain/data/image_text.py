@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -10,7 +11,18 @@ from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, create_transform
 
 from mmpretrain.data.datamodule import ShardDataModule, Split
 from mmpretrain.data.decode import SkipSample, decode_image, image_member, read_label, read_text
+from mmpretrain.data.gpu_decode import (
+    DecodeDevice,
+    DeviceImagePlanner,
+    EncodedImage,
+    EncodedImageBatch,
+    UnsupportedTransform,
+    check_decode_device,
+    finish_batch,
+)
 from mmpretrain.data.tokenizer import Tokenizer
+
+log = logging.getLogger("mmpretrain.data")
 
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
 
@@ -34,6 +46,10 @@ class ImageTextDataModule(ShardDataModule):
         templates: zero-shot prompt templates with ``{}``; default: index.json's ``templates`` or generic ones.
         train_transform, eval_transform: keyword arguments for ``timm.data.create_transform``.
         mean, std: normalisation (default OpenAI CLIP's).
+        decode_device: where JPEGs are decoded and augmented: ``"cpu"`` (in the workers, the default) or
+            ``"cuda"`` (workers pass the encoded bytes and the augmentation drawn for each sample; the batch
+            is decoded with nvJPEG and transformed on the training device after transfer, see
+            :mod:`mmpretrain.data.gpu_decode`). For when the CPU cores cannot keep the GPU fed.
         **kwargs: shard, batching and worker options of :class:`ShardDataModule`.
     """
 
@@ -52,6 +68,7 @@ class ImageTextDataModule(ShardDataModule):
         eval_transform: dict[str, Any] | None = None,
         mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
         std: tuple[float, float, float] = OPENAI_CLIP_STD,
+        decode_device: DecodeDevice = "cpu",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -75,6 +92,24 @@ class ImageTextDataModule(ShardDataModule):
         for t in templates or []:
             if "{}" not in t:
                 raise ValueError(f"data.templates: {t!r} has no '{{}}' for the class name")
+        check_decode_device(decode_device)
+        self.decode_device = decode_device
+        self._warned_predecoded = False
+        if decode_device == "cuda":  # fail at configuration time, naming the transform, not in a worker
+            for split in ("train", "val"):
+                self.transform(split)
+
+    def transform(self, split: Split):
+        """The split's image transform; with ``decode_device: cuda`` its worker half (a planner)."""
+        args = self.train_transform_args if split == "train" else self.eval_transform_args
+        transform = create_transform(self.image_size, is_training=split == "train", mean=self.mean, std=self.std, **args)
+        if self.decode_device == "cpu":
+            return transform
+        try:
+            return DeviceImagePlanner(transform, split)
+        except UnsupportedTransform as err:
+            field = "train_transform" if split == "train" else "eval_transform"
+            raise ValueError(f"data.{field} with data.decode_device: cuda: {err}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -101,8 +136,7 @@ class ImageTextDataModule(ShardDataModule):
         return ids.view(len(self.class_names), len(self.templates), self.context_length)
 
     def process(self, split: Split):
-        args = self.train_transform_args if split == "train" else self.eval_transform_args
-        transform = create_transform(self.image_size, is_training=split == "train", mean=self.mean, std=self.std, **args)
+        transform = self.transform(split)
         label_key = self.label_key if split != "train" else None
         classes = {n: i for i, n in enumerate(self.class_names or [])}
         decode = ImageTextDecoder(transform, self.tokenizer, self.context_length, self.image_key, self.caption_key,
@@ -111,6 +145,19 @@ class ImageTextDataModule(ShardDataModule):
 
     def collate_fn(self):
         return collate_image_text
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``decode_device: cuda``: decode and augment the batch's JPEGs on its device."""
+        if self.decode_device == "cpu" or not isinstance(batch, dict):
+            return batch
+        if not isinstance(batch.get("image"), EncodedImageBatch):
+            if not self._warned_predecoded:
+                self._warned_predecoded = True
+                log.warning("data.decode_device is cuda but %s decodes its images in the workers; the images "
+                            "arrive decoded", type(self).__name__)
+            return batch
+        split = batch["image"].split
+        return finish_batch(batch, self.mean, self.std, self.stats.get(split), self.strict)
 
 
 class ImageTextDecoder:
@@ -126,11 +173,17 @@ class ImageTextDecoder:
         self.label_key = label_key
         self.class_to_index = class_to_index
 
+    def image(self, sample: dict) -> torch.Tensor | EncodedImage:
+        """The transformed image, or (device decoding) the encoded image with its augmentation drawn."""
+        data = image_member(sample, self.image_key)
+        if isinstance(self.transform, DeviceImagePlanner):
+            return self.transform.plan(data)
+        return self.transform(decode_image(data))
+
     def __call__(self, sample: dict, rng: random.Random) -> dict[str, Any]:
         caption = read_text(sample, self.caption_key, rng, what="caption")
-        image = self.transform(decode_image(image_member(sample, self.image_key)))
         item = {
-            "image": image,
+            "image": self.image(sample),
             "input_ids": self.tokenizer.encode_batch([caption], self.context_length)[0],
             "key": f"{sample['__url__']}:{sample['__key__']}",
         }
@@ -144,10 +197,12 @@ class ImageTextDecoder:
 
 def collate_image_text(items: list[dict]) -> dict[str, Any]:
     """Stack the samples' tensors (image, input_ids, and doc_ids where there are), labels into a long
-    tensor, keys into a list."""
+    tensor, keys into a list; encoded images (device decoding) into an :class:`EncodedImageBatch`."""
     batch: dict[str, Any] = {}
     for name, value in items[0].items():
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, EncodedImage):
+            batch[name] = EncodedImageBatch([it[name] for it in items])
+        elif isinstance(value, torch.Tensor):
             batch[name] = torch.stack([it[name] for it in items])
         elif name == "label":
             batch[name] = torch.tensor([it[name] for it in items], dtype=torch.long)
