@@ -2,9 +2,14 @@
 
 One input projection makes the scan input ``x`` and the gate ``z``; each direction has its own
 depthwise causal conv1d, ``x_proj`` (to dt, B, C), ``dt_proj``, ``A_log`` and ``D``; the backward
-direction reads the flipped sequence. Both directions are gated by the same ``silu(z)`` (fused into the
-scan through its ``z`` argument), averaged, and projected back by one shared output projection.
+direction reads the sequence from the end. Both directions are gated by the same ``silu(z)`` (fused into
+the scan through its ``z`` argument), averaged, and projected back by one shared output projection.
 Parameter names follow Vim's (``conv1d_b``, ``x_proj_b``, ``dt_proj_b``, ``A_b_log``, ``D_b``).
+
+Layout: activations stay (batch, L, channels) as the linear layers make them; the convolution and the scan
+take their transposed views (channels contiguous) and run the backward direction with ``reverse=True``, so
+on the GPU (triton kernels) nothing is transposed, flipped or copied between the projections. On CPU the
+reference convolution and scans flip and copy as they need.
 """
 
 from __future__ import annotations
@@ -15,15 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpretrain.ops.causal_conv1d import causal_conv1d
 from mmpretrain.ops.selective_scan import selective_scan
-
-
-def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """Depthwise causal convolution of ``x`` (batch, channels, L): output t sees inputs t-k+1 .. t only.
-
-    ``conv`` pads k-1 zeros on both sides; keeping the first L outputs drops what saw the right padding.
-    """
-    return conv(x)[..., : x.shape[-1]]
+from mmpretrain.ops.selective_scan.dispatch import resolve_backend
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -125,13 +124,18 @@ class BiMambaMixer(nn.Module):
         return {"A_log", "A_b_log", "D", "D_b"}
 
     def _scan(self, x: torch.Tensor, z: torch.Tensor, suffix: str) -> torch.Tensor:
-        """One direction: conv, projections and the gated selective scan. x, z (batch, E, L) -> (batch, E, L)."""
+        """One direction: conv + SiLU, projections and the gated selective scan; the backward direction
+        (``suffix="_b"``) runs both the convolution and the scan from the end. x, z (batch, E, L) views of the
+        input projection -> (batch, E, L) (channels-contiguous on the triton path)."""
+        reverse = bool(suffix)
         conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
         x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
         A_log: torch.Tensor = self.A_log if not suffix else self.A_b_log
         D: torch.Tensor = self.D if not suffix else self.D_b
-        x = F.silu(causal_conv1d(x, conv))
+        fused = x.device.type != "meta" and resolve_backend(self.backend, x) == "triton"
+        x = causal_conv1d(x, conv.weight, conv.bias, "silu", reverse=reverse,
+                          backend="triton" if fused else "reference")
         x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (batch, E, L); the bias goes in as delta_bias
@@ -145,17 +149,16 @@ class BiMambaMixer(nn.Module):
             return (y + dt_proj.bias[:, None]) * z
         return selective_scan(
             x, delta, A, B, C, D=at_least_fp32(D), z=z, delta_bias=at_least_fp32(dt_proj.bias),
-            delta_softplus=True, backend=self.backend,
+            delta_softplus=True, backend=self.backend, reverse=reverse,
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model)."""
-        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
-        x, z = xz.chunk(2, dim=1)
-        y_fwd = self._scan(x, z, "")
-        y_bwd = self._scan(x.flip(-1), z.flip(-1), "_b").flip(-1)
-        y = (y_fwd + y_bwd) * 0.5  # Vim's "if_devide_out": the mean of the two directions
-        return self.out_proj(y.transpose(1, 2))
+        xz = self.in_proj(hidden)  # (batch, L, 2E)
+        x, z = xz[..., : self.d_inner].transpose(1, 2), xz[..., self.d_inner:].transpose(1, 2)  # (batch, E, L) views
+        y = self._scan(x, z, "") + self._scan(x, z, "_b")
+        # Vim's "if_devide_out": the mean of the two directions
+        return self.out_proj(y.mul_(0.5).transpose(1, 2))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "

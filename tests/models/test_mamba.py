@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.models.mamba import BiMambaMixer, causal_conv1d
+from mmpretrain.models.mamba import BiMambaMixer
+from mmpretrain.ops.causal_conv1d import causal_conv1d
 
 
 def small_mixer(backend: str = "torch", **kwargs) -> BiMambaMixer:
@@ -110,16 +111,20 @@ def test_causal_conv_sees_only_the_past():
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
     x = torch.randn(2, 6, 11, dtype=torch.float64)
-    y = causal_conv1d(x, conv)
+    y = causal_conv1d(x, conv.weight, conv.bias, activation=None)
     assert y.shape == x.shape
     x2 = x.clone()
     x2[..., 7] += 1.0
-    y2 = causal_conv1d(x2, conv)
+    y2 = causal_conv1d(x2, conv.weight, conv.bias, activation=None)
     assert torch.equal(y[..., :7], y2[..., :7]) and not torch.equal(y[..., 7:], y2[..., 7:])
-    # written out: y_t = b + sum_j w[k-1-j] x_{t-j}
+    # written out: y_t = b + sum_j w[k-1-j] x_{t-j}; nn.Conv1d's padding (both sides) keeps its first L outputs
     t = 5
     manual = conv.bias + sum(conv.weight[:, 0, 3 - j] * x[..., t - j] for j in range(4))
     torch.testing.assert_close(y[..., t], manual)
+    torch.testing.assert_close(y, conv(x)[..., :11])
+    # reverse: anti-causal, y_t sees x_t .. x_{t+3} only
+    r, r2 = (causal_conv1d(v, conv.weight, conv.bias, activation=None, reverse=True) for v in (x, x2))
+    assert torch.equal(r[..., 8:], r2[..., 8:]) and not torch.equal(r[..., 4:8], r2[..., 4:8])
 
 
 def test_each_direction_is_causal_and_the_mixer_is_bidirectional():
@@ -129,11 +134,11 @@ def test_each_direction_is_causal_and_the_mixer_is_bidirectional():
     # the whole mixer: position i depends on tokens before and after it
     grad = torch.autograd.grad(m(h)[0, i].sum(), h)[0][0].abs().sum(-1)
     assert (grad[:i] > 0).all() and (grad[i + 1:] > 0).all()
-    # the forward scan alone only looks back, the backward scan (on the flipped sequence) only ahead
+    # the forward scan alone only looks back, the backward scan (run from the end) only ahead
     xz = m.in_proj(h).transpose(1, 2)
     x, z = xz.chunk(2, dim=1)
     fwd = m._scan(x, z, "")
-    bwd = m._scan(x.flip(-1), z.flip(-1), "_b").flip(-1)
+    bwd = m._scan(x, z, "_b")
     g_fwd = torch.autograd.grad(fwd[0, :, i].sum(), h, retain_graph=True)[0][0].abs().sum(-1)
     g_bwd = torch.autograd.grad(bwd[0, :, i].sum(), h)[0][0].abs().sum(-1)
     assert (g_fwd[i + 1:] == 0).all() and (g_fwd[: i + 1] > 0).all()

@@ -1,8 +1,18 @@
 """Fused Triton forward and backward kernels for the selective scan (a custom ``torch.autograd.Function``).
 
-One program per (batch row, block of BLOCK_D channels), walking L in order. Inputs may be bf16, fp16,
-fp32 or fp64; arithmetic is float32 (float64 for float64 inputs). u, delta, z and the output are
-(batch, dim, L); B, C are (batch, groups, N, L); all contiguous.
+One program per (batch row, block of BLOCK_D channels, split of the sequence), walking its steps in order.
+Inputs may be bf16, fp16, fp32 or fp64; arithmetic is float32 (float64 for float64 inputs). u, delta, z and
+the output are (batch, dim, L) and B, C (batch, groups, N, L), all read through their strides: with the
+channels contiguous (the transposed (batch, L, dim) activations of a Mamba block) each step's load of a
+block of channels is one coalesced read, and the outputs and gradients are written in that layout too.
+``REVERSE`` walks the sequence from its last position (memory index L-1-s at scan step s): the backward
+direction of a bidirectional model without flipped copies.
+
+Splits: with few (batch row, channel block) programs -- a long sequence at a small batch -- the sequence
+is cut into runs of whole chunks scanned in parallel. A first pass scans each split from a zero state and
+keeps its end state h and its summed dt (the split's decay is exp(A sum dt)); a small kernel walks the
+splits, carry = exp(A sum dt) carry + h, giving each split's true initial state; the second pass is the
+ordinary scan from it. The backward splits its adjoint the same way, from the right.
 
 Each program takes SUB steps at a time as a (SUB, N, BLOCK_D) tile: Triton's default layout puts the
 last axis on the lanes, so every thread owns whole channels and the step and state axes live in its
@@ -77,14 +87,23 @@ def _adjoint_combine(f2, q2, s2, f1, q1, s1):
 
 
 @triton.jit
-def _tile_fwd_kernel(
-    u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
-    dim, L, N, channels_per_group, n_groups, n_chunks,
+def _fwd_kernel(
+    u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr, init_ptr, local_ptr, dts_ptr,
+    dim, L, N, channels_per_group, n_chunks, chunks_per_split, n_splits,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, LOCAL: tl.constexpr, HAS_INIT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, CT: tl.constexpr,
 ):
+    """One program: batch row x block of channels x split of the sequence (a run of whole chunks).
+
+    LOCAL: scan the split from a zero state and store only its end state and its summed dt (the split's
+    decay is exp(A * sum dt)); the host combines splits. Otherwise scan from the split's true initial state
+    (``init``, or zero), store the output and the state at every chunk end into ``ckpt``."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_s = tl.arange(0, SUB)
@@ -97,53 +116,116 @@ def _tile_fwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
-    row = (pid_b * dim + offs_d) * L  # (BD,)
-    bc_row = ((pid_b * n_groups + group) * N + offs_n) * L  # (BN,)
-    ckpt_off = (pid_b * n_chunks * N + offs_n[:, None]) * dim + offs_d[None, :]  # (b, n_chunks, N, dim)
-    x = tl.zeros((BLOCK_N, BLOCK_D), dtype=CT)
-    for c in range(n_chunks):
+    u_row = pid_b * su_b + offs_d * su_d  # (BD,)
+    dt_row = pid_b * sdt_b + offs_d * sdt_d
+    z_row = pid_b * sz_b + offs_d * sz_d
+    o_row = pid_b * so_b + offs_d * so_d
+    B_row = pid_b * sB_b + group * sB_g + offs_n * sB_n  # (BN,)
+    C_row = pid_b * sC_b + group * sC_g + offs_n * sC_n
+    state_nd = offs_n[:, None] * dim + offs_d[None, :]  # within a (N, dim) state
+    split_off = (pid_b * n_splits + pid_s) * N * dim
+    if HAS_INIT:
+        x = tl.load(init_ptr + split_off + state_nd, mask=mask_nd, other=0.0).to(CT)
+    else:
+        x = tl.zeros((BLOCK_N, BLOCK_D), dtype=CT)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=CT)
+    c_begin = pid_s * chunks_per_split
+    c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
+    for c in range(c_begin, c_end):
         t0 = c * CHUNK
         n_steps = tl.minimum(L - t0, CHUNK)
         for s0 in range(0, n_steps, SUB):
-            t = t0 + s0 + offs_s  # (SUB,)
-            mask_t = t < L
+            s = t0 + s0 + offs_s  # scan steps (SUB,)
+            mask_t = s < L
+            if REVERSE:
+                tm = L - 1 - s  # positions in memory
+            else:
+                tm = s
             m_td = mask_t[:, None] & mask_d[None, :]
             m_tn = mask_t[:, None] & mask_n[None, :]
-            u = tl.load(u_ptr + row[None, :] + t[:, None], mask=m_td, other=0.0).to(CT)  # (SUB, BD)
-            dt = tl.load(delta_ptr + row[None, :] + t[:, None], mask=m_td, other=0.0).to(CT)
+            u = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)  # (SUB, BD)
+            dt = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
             if HAS_BIAS:
                 dt = dt + bias[None, :]
             if SOFTPLUS:
                 dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
             dt = tl.where(m_td, dt, 0.0)
-            Bt = tl.load(B_ptr + bc_row[None, :] + t[:, None], mask=m_tn, other=0.0).to(CT)  # (SUB, BN)
-            Ct = tl.load(C_ptr + bc_row[None, :] + t[:, None], mask=m_tn, other=0.0).to(CT)
+            Bt = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)  # (SUB, BN)
             a = tl.exp(dt[:, None, :] * A[None, :, :])  # (SUB, BN, BD)
             bx = (dt * u)[:, None, :] * Bt[:, :, None]
             a_cum, b_cum = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
             xs = a_cum * x[None, :, :] + b_cum
-            y = tl.sum(xs * Ct[:, :, None], axis=1)  # (SUB, BD)
-            if HAS_D:
-                y = y + Dv[None, :] * u
-            if HAS_Z:
-                zt = tl.load(z_ptr + row[None, :] + t[:, None], mask=m_td, other=0.0).to(CT)
-                y = y * zt / (1.0 + tl.exp(-zt))
-            tl.store(out_ptr + row[None, :] + t[:, None], y.to(out_ptr.dtype.element_ty), mask=m_td)
+            if LOCAL:
+                dt_sum += tl.sum(dt, axis=0)
+            else:
+                Ct = tl.load(C_ptr + C_row[None, :] + tm[:, None] * sC_l, mask=m_tn, other=0.0).to(CT)
+                y = tl.sum(xs * Ct[:, :, None], axis=1)  # (SUB, BD)
+                if HAS_D:
+                    y = y + Dv[None, :] * u
+                if HAS_Z:
+                    zt = tl.load(z_ptr + z_row[None, :] + tm[:, None] * sz_l, mask=m_td, other=0.0).to(CT)
+                    y = y * zt / (1.0 + tl.exp(-zt))
+                tl.store(out_ptr + o_row[None, :] + tm[:, None] * so_l, y.to(out_ptr.dtype.element_ty), mask=m_td)
             x = tl.sum(tl.where((offs_s == SUB - 1)[:, None, None], xs, -0.0), axis=0)
-        tl.store(ckpt_ptr + ckpt_off + c * N * dim, x, mask=mask_nd)
+        if not LOCAL:
+            tl.store(ckpt_ptr + (pid_b * n_chunks + c) * N * dim + state_nd, x, mask=mask_nd)
+    if LOCAL:
+        tl.store(local_ptr + split_off + state_nd, x, mask=mask_nd)
+        tl.store(dts_ptr + (pid_b * n_splits + pid_s) * dim + offs_d, dt_sum, mask=mask_d)
 
 
 @triton.jit
-def _tile_bwd_kernel(
-    u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, ckpt_ptr, dlast_ptr, scratch_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
-    dim, L, N, channels_per_group, n_groups, n_chunks, n_blocks,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DLAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, CT: tl.constexpr,
+def _combine_kernel(
+    h_ptr, dts_ptr, At_ptr, first_ptr, carry_ptr, dim, N, n_splits,
+    REVERSE: tl.constexpr, HAS_FIRST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CT: tl.constexpr,
 ):
+    """The carry entering each split, from each split's local result h (computed from a zero carry) and decay
+    exp(A * sum dt): carry_next = exp(A * dts) * carry + h, walked forward (states) or backward (adjoints).
+    ``first`` (batch, N, dim) enters the first split walked (the initial state, or dL/d last state)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
+    state_nd = offs_n[:, None] * dim + offs_d[None, :]
+    A = tl.load(At_ptr + state_nd, mask=mask_nd, other=0.0).to(CT)
+    if HAS_FIRST:
+        carry = tl.load(first_ptr + pid_b * N * dim + state_nd, mask=mask_nd, other=0.0).to(CT)
+    else:
+        carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=CT)
+    for i in range(n_splits):
+        if REVERSE:
+            s = n_splits - 1 - i
+        else:
+            s = i
+        off = (pid_b * n_splits + s) * N * dim + state_nd
+        tl.store(carry_ptr + off, carry, mask=mask_nd)
+        dts = tl.load(dts_ptr + (pid_b * n_splits + s) * dim + offs_d, mask=mask_d, other=0.0).to(CT)
+        carry = tl.exp(A * dts[None, :]) * carry + tl.load(h_ptr + off, mask=mask_nd, other=0.0).to(CT)
+
+
+@triton.jit
+def _bwd_kernel(
+    u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, ckpt_ptr, carry_ptr, scratch_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
+    dim, L, N, channels_per_group, n_groups, n_chunks, chunks_per_split, n_splits, n_blocks,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l, so_b, so_d, so_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, LOCAL: tl.constexpr, HAS_CARRY: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, CT: tl.constexpr,
+):
+    """One program: batch row x block of channels x split, walking the split's chunks from the last.
+
+    LOCAL: only the adjoint, from a zero carry, storing the carry the split passes on to the one before it
+    (a_first g_first) in ``carry_ptr``'s place for this split -- the host combines splits. Otherwise the full
+    backward from the split's carry (``carry``: (batch, n_splits, N, dim), or zero). ``sg_*``: dout's strides;
+    ``so_*``: the strides of du, ddelta and dz; dB, dC are float32 (batch, groups, N, L)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_s = tl.arange(0, SUB)
@@ -156,55 +238,72 @@ def _tile_bwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
-    row = (pid_b * dim + offs_d) * L
-    bc_row = ((pid_b * n_groups + group) * N + offs_n) * L
-    state_off = (pid_b * N + offs_n[:, None]) * dim + offs_d[None, :]  # (batch, N, dim) tensors
-    ckpt_off = (pid_b * n_chunks * N + offs_n[:, None]) * dim + offs_d[None, :]
-    scratch = (scratch_ptr + (pid_b * n_blocks + pid_d) * (CHUNK // SUB) * (BLOCK_N * BLOCK_D)
+    u_row = pid_b * su_b + offs_d * su_d
+    dt_row = pid_b * sdt_b + offs_d * sdt_d
+    z_row = pid_b * sz_b + offs_d * sz_d
+    g_row = pid_b * sg_b + offs_d * sg_d
+    o_row = pid_b * so_b + offs_d * so_d
+    B_row = pid_b * sB_b + group * sB_g + offs_n * sB_n
+    C_row = pid_b * sC_b + group * sC_g + offs_n * sC_n
+    dBC_row = ((pid_b * n_groups + group) * N + offs_n) * L  # dB, dC: float32 (batch, groups, N, L)
+    state_nd = offs_n[:, None] * dim + offs_d[None, :]
+    split_off = (pid_b * n_splits + pid_s) * N * dim
+    scratch = (scratch_ptr + ((pid_b * n_blocks + pid_d) * n_splits + pid_s) * (CHUNK // SUB) * (BLOCK_N * BLOCK_D)
                + offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :])
 
-    if HAS_DLAST:
-        h = tl.load(dlast_ptr + state_off, mask=mask_nd, other=0.0).to(CT)
+    if HAS_CARRY:
+        h = tl.load(carry_ptr + split_off + state_nd, mask=mask_nd, other=0.0).to(CT)
     else:
         h = tl.zeros((BLOCK_N, BLOCK_D), dtype=CT)
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=CT)
     dD_acc = tl.zeros((BLOCK_D,), dtype=CT)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=CT)
 
-    for cc in range(n_chunks):
-        c = n_chunks - 1 - cc
+    c_begin = pid_s * chunks_per_split
+    c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
+    for cc in range(c_end - c_begin):
+        c = c_end - 1 - cc
         t0 = c * CHUNK
         n_sub = tl.cdiv(tl.minimum(L - t0, CHUNK), SUB)
-        x = tl.load(ckpt_ptr + ckpt_off + (c - 1) * N * dim, mask=mask_nd & (c > 0), other=0.0).to(CT)
-        tl.debug_barrier()  # the previous chunk's reverse walk has read its scratch
-        for j in range(n_sub):
-            t = t0 + j * SUB + offs_s
-            mask_t = t < L
-            m_td = mask_t[:, None] & mask_d[None, :]
-            m_tn = mask_t[:, None] & mask_n[None, :]
-            u = tl.load(u_ptr + row[None, :] + t[:, None], mask=m_td, other=0.0).to(CT)
-            dt = tl.load(delta_ptr + row[None, :] + t[:, None], mask=m_td, other=0.0).to(CT)
-            if HAS_BIAS:
-                dt = dt + bias[None, :]
-            if SOFTPLUS:
-                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-            dt = tl.where(m_td, dt, 0.0)
-            Bt = tl.load(B_ptr + bc_row[None, :] + t[:, None], mask=m_tn, other=0.0).to(CT)
-            tl.store(scratch + j * (BLOCK_N * BLOCK_D), x)  # state before sub-chunk j
-            a = tl.exp(dt[:, None, :] * A[None, :, :])
-            bx = (dt * u)[:, None, :] * Bt[:, :, None]
-            a_cum, b_cum = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
-            x = tl.sum(tl.where((offs_s == SUB - 1)[:, None, None], a_cum * x[None, :, :] + b_cum, -0.0), axis=0)
-        tl.debug_barrier()  # the states are in the scratch before they are read back
+        if not LOCAL:
+            # states at the start of each SUB-step tile of the chunk, from the previous chunk's checkpoint
+            x = tl.load(ckpt_ptr + (pid_b * n_chunks + c - 1) * N * dim + state_nd, mask=mask_nd & (c > 0),
+                        other=0.0).to(CT)
+            tl.debug_barrier()  # the previous chunk's reverse walk has read its scratch
+            for j in range(n_sub):
+                s = t0 + j * SUB + offs_s
+                mask_t = s < L
+                if REVERSE:
+                    tm = L - 1 - s
+                else:
+                    tm = s
+                m_td = mask_t[:, None] & mask_d[None, :]
+                m_tn = mask_t[:, None] & mask_n[None, :]
+                u = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)
+                dt = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
+                if HAS_BIAS:
+                    dt = dt + bias[None, :]
+                if SOFTPLUS:
+                    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+                dt = tl.where(m_td, dt, 0.0)
+                Bt = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)
+                tl.store(scratch + j * (BLOCK_N * BLOCK_D), x)  # state before tile j
+                a = tl.exp(dt[:, None, :] * A[None, :, :])
+                bx = (dt * u)[:, None, :] * Bt[:, :, None]
+                a_cum, b_cum = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
+                x = tl.sum(tl.where((offs_s == SUB - 1)[:, None, None], a_cum * x[None, :, :] + b_cum, -0.0), axis=0)
+            tl.debug_barrier()  # the states are in the scratch before they are read back
         for jj in range(n_sub):
             j = n_sub - 1 - jj
-            t = t0 + j * SUB + offs_s
-            mask_t = t < L
+            s = t0 + j * SUB + offs_s
+            mask_t = s < L
+            if REVERSE:
+                tm = L - 1 - s
+            else:
+                tm = s
             m_td = mask_t[:, None] & mask_d[None, :]
             m_tn = mask_t[:, None] & mask_n[None, :]
-            x_in = tl.load(scratch + j * (BLOCK_N * BLOCK_D))
-            u = tl.load(u_ptr + row[None, :] + t[:, None], mask=m_td, other=0.0).to(CT)
-            dt_raw = tl.load(delta_ptr + row[None, :] + t[:, None], mask=m_td, other=0.0).to(CT)
+            dt_raw = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
             if HAS_BIAS:
                 dt_raw = dt_raw + bias[None, :]
             if SOFTPLUS:
@@ -212,50 +311,68 @@ def _tile_bwd_kernel(
             else:
                 dt = dt_raw
             dt = tl.where(m_td, dt, 0.0)
-            Bt = tl.load(B_ptr + bc_row[None, :] + t[:, None], mask=m_tn, other=0.0).to(CT)
-            Ct = tl.load(C_ptr + bc_row[None, :] + t[:, None], mask=m_tn, other=0.0).to(CT)
-            dy = tl.load(dout_ptr + row[None, :] + t[:, None], mask=m_td, other=0.0).to(CT)
-            dtu = dt * u
+            Ct = tl.load(C_ptr + C_row[None, :] + tm[:, None] * sC_l, mask=m_tn, other=0.0).to(CT)
+            dy = tl.load(dout_ptr + g_row[None, :] + tm[:, None] * sg_l, mask=m_td, other=0.0).to(CT)
             a = tl.exp(dt[:, None, :] * A[None, :, :])  # (SUB, BN, BD)
-            bx = dtu[:, None, :] * Bt[:, :, None]
-            p, s, _ = tl.associative_scan((a, tl.zeros_like(a), bx), axis=0, combine_fn=_decayed_input_combine)
-            ax = s + p * x_in[None, :, :]  # a_t x_{t-1}
-            xs = ax + bx
-            if HAS_Z:
-                y = tl.sum(xs * Ct[:, :, None], axis=1)
+            if LOCAL:
+                if HAS_Z:
+                    zt = tl.load(z_ptr + z_row[None, :] + tm[:, None] * sz_l, mask=m_td, other=0.0).to(CT)
+                    dy = dy * zt / (1.0 + tl.exp(-zt))
+                cy = dy[:, None, :] * Ct[:, :, None]
+                _, q, sg = tl.associative_scan((a, tl.zeros_like(a) + 1.0, cy), axis=0,
+                                               combine_fn=_adjoint_combine, reverse=True)
+                g = sg + q * h[None, :, :]
+                h = tl.sum(tl.where((offs_s == 0)[:, None, None], a * g, -0.0), axis=0)
+            else:
+                x_in = tl.load(scratch + j * (BLOCK_N * BLOCK_D))
+                u = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)
+                Bt = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)
+                dtu = dt * u
+                bx = dtu[:, None, :] * Bt[:, :, None]
+                p, s2, _ = tl.associative_scan((a, tl.zeros_like(a), bx), axis=0,
+                                               combine_fn=_decayed_input_combine)
+                ax = s2 + p * x_in[None, :, :]  # a_t x_{t-1}
+                xs = ax + bx
+                if HAS_Z:
+                    y = tl.sum(xs * Ct[:, :, None], axis=1)
+                    if HAS_D:
+                        y = y + Dv[None, :] * u
+                    zt = tl.load(z_ptr + z_row[None, :] + tm[:, None] * sz_l, mask=m_td, other=0.0).to(CT)
+                    sig_z = 1.0 / (1.0 + tl.exp(-zt))
+                    dz = dy * y * sig_z * (1.0 + zt * (1.0 - sig_z))
+                    tl.store(dz_ptr + o_row[None, :] + tm[:, None] * so_l, dz.to(dz_ptr.dtype.element_ty), mask=m_td)
+                    dy = dy * zt * sig_z
+                cy = dy[:, None, :] * Ct[:, :, None]
+                _, q, sg = tl.associative_scan((a, tl.zeros_like(a) + 1.0, cy), axis=0,
+                                               combine_fn=_adjoint_combine, reverse=True)
+                g = sg + q * h[None, :, :]
+                dC = tl.sum(dy[:, None, :] * xs, axis=2)  # (SUB, BN)
+                dB = tl.sum(g * dtu[:, None, :], axis=2)
+                du = dt * tl.sum(g * Bt[:, :, None], axis=1)  # (SUB, BD)
                 if HAS_D:
-                    y = y + Dv[None, :] * u
-                zt = tl.load(z_ptr + row[None, :] + t[:, None], mask=m_td, other=0.0).to(CT)
-                sig_z = 1.0 / (1.0 + tl.exp(-zt))
-                dz = dy * y * sig_z * (1.0 + zt * (1.0 - sig_z))
-                tl.store(dz_ptr + row[None, :] + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=m_td)
-                dy = dy * zt * sig_z
-            cy = dy[:, None, :] * Ct[:, :, None]
-            _, q, sg = tl.associative_scan((a, tl.zeros_like(a) + 1.0, cy), axis=0, combine_fn=_adjoint_combine,
-                                           reverse=True)
-            g = sg + q * h[None, :, :]
-            dC = tl.sum(dy[:, None, :] * xs, axis=2)  # (SUB, BN)
-            dB = tl.sum(g * dtu[:, None, :], axis=2)
-            du = dt * tl.sum(g * Bt[:, :, None], axis=1)  # (SUB, BD)
-            if HAS_D:
-                du = du + dy * Dv[None, :]
-                dD_acc += tl.sum(dy * u, axis=0)
-            ddt = tl.sum(g * (Bt[:, :, None] * u[:, None, :] + A[None, :, :] * ax), axis=1)
-            dA_acc += tl.sum(g * ax * dt[:, None, :], axis=0)
-            if SOFTPLUS:
-                ddt = ddt / (1.0 + tl.exp(-dt_raw))
-            ddt = tl.where(m_td, ddt, 0.0)
-            dbias_acc += tl.sum(ddt, axis=0)
-            tl.store(du_ptr + row[None, :] + t[:, None], du.to(du_ptr.dtype.element_ty), mask=m_td)
-            tl.store(ddelta_ptr + row[None, :] + t[:, None], ddt.to(ddelta_ptr.dtype.element_ty), mask=m_td)
-            # summed over the channels of the group: per block here, across blocks by atomics
-            tl.atomic_add(dB_ptr + bc_row[None, :] + t[:, None], dB, mask=m_tn, sem="relaxed")
-            tl.atomic_add(dC_ptr + bc_row[None, :] + t[:, None], dC, mask=m_tn, sem="relaxed")
-            h = tl.sum(tl.where((offs_s == 0)[:, None, None], a * g, -0.0), axis=0)
+                    du = du + dy * Dv[None, :]
+                    dD_acc += tl.sum(dy * u, axis=0)
+                ddt = tl.sum(g * (Bt[:, :, None] * u[:, None, :] + A[None, :, :] * ax), axis=1)
+                dA_acc += tl.sum(g * ax * dt[:, None, :], axis=0)
+                if SOFTPLUS:
+                    ddt = ddt / (1.0 + tl.exp(-dt_raw))
+                ddt = tl.where(m_td, ddt, 0.0)
+                dbias_acc += tl.sum(ddt, axis=0)
+                tl.store(du_ptr + o_row[None, :] + tm[:, None] * so_l, du.to(du_ptr.dtype.element_ty), mask=m_td)
+                tl.store(ddelta_ptr + o_row[None, :] + tm[:, None] * so_l, ddt.to(ddelta_ptr.dtype.element_ty),
+                         mask=m_td)
+                # summed over the channels of the group: per block here, across blocks by atomics
+                tl.atomic_add(dB_ptr + dBC_row[None, :] + tm[:, None], dB, mask=m_tn, sem="relaxed")
+                tl.atomic_add(dC_ptr + dBC_row[None, :] + tm[:, None], dC, mask=m_tn, sem="relaxed")
+                h = tl.sum(tl.where((offs_s == 0)[:, None, None], a * g, -0.0), axis=0)
 
-    tl.store(dA_part_ptr + state_off, dA_acc, mask=mask_nd)
-    tl.store(dD_part_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbias_part_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
+    if LOCAL:
+        tl.store(carry_ptr + split_off + state_nd, h, mask=mask_nd)
+    else:
+        part = pid_b * n_splits + pid_s
+        tl.store(dA_part_ptr + part * N * dim + state_nd, dA_acc, mask=mask_nd)
+        tl.store(dD_part_ptr + part * dim + offs_d, dD_acc, mask=mask_d)
+        tl.store(dbias_part_ptr + part * dim + offs_d, dbias_acc, mask=mask_d)
 
 
 def _tl_compute_dtype(dtype: torch.dtype):
@@ -267,18 +384,24 @@ class TritonConfig:
     """Launch parameters. ``block_d`` / ``block_d_bwd``: channels per program in the forward / backward kernel
     (upper bounds: scaled down for N > 16, and a program stays inside one group); ``sub_chunk``: steps each
     program scans at a time in registers; ``chunk``: steps between state checkpoints (a multiple of
-    ``sub_chunk``); ``num_warps``: None gives one warp per 32 channels."""
+    ``sub_chunk``); ``num_warps``: None gives one warp per 32 channels; ``splits``: pieces the sequence is cut
+    into and scanned in parallel (a run of whole chunks each; None: enough for ``programs_per_sm`` forward
+    programs on every multiprocessor, 1 when batch x channel blocks already give that many)."""
 
     block_d: int = 32
     block_d_bwd: int = 8
     sub_chunk: int = 4
     chunk: int = 64
     num_warps: int | None = None
+    splits: int | None = None
+    programs_per_sm: int = 16
 
     def __post_init__(self):
         if self.sub_chunk & (self.sub_chunk - 1) or self.chunk % self.sub_chunk:
             raise ValueError(f"selective_scan_triton: sub_chunk ({self.sub_chunk}) must be a power of two "
                              f"dividing chunk ({self.chunk})")
+        if self.splits is not None and self.splits < 1:
+            raise ValueError(f"selective_scan_triton: splits must be >= 1 or None, got {self.splits}")
 
 
 def _channels_per_program(dim: int, groups: int, block_d: int, bn: int) -> int:
@@ -293,47 +416,94 @@ def _channels_per_program(dim: int, groups: int, block_d: int, bn: int) -> int:
     return bd
 
 
-def _flags(cfg: TritonConfig, bd: int, bn: int, dtype: torch.dtype, D, z, delta_bias, softplus: bool) -> dict:
+def _splits(cfg: TritonConfig, programs: int, n_chunks: int, device: torch.device) -> tuple[int, int]:
+    """(number of splits, chunks per split): the sequence in runs of whole chunks, scanned in parallel when
+    batch x channel blocks alone leave the GPU idle (a long sequence, a small batch)."""
+    wanted = cfg.splits
+    if wanted is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        wanted = -(-sms * cfg.programs_per_sm // max(programs, 1))
+    per = -(-n_chunks // max(1, min(wanted, n_chunks)))
+    return -(-n_chunks // per), per
+
+
+def _flags(cfg: TritonConfig, bd: int, bn: int, dtype: torch.dtype, D, z, delta_bias, softplus: bool,
+           reverse: bool) -> dict:
     # Triton's default layout gives the lanes to the channel axis first: one warp per 32 channels keeps
     # the state axis inside each warp (no reductions through shared memory)
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                BLOCK_D=bd, BLOCK_N=bn, CHUNK=cfg.chunk, SUB=cfg.sub_chunk, CT=_tl_compute_dtype(dtype),
-                num_warps=cfg.num_warps or max(1, bd // 32))
+                REVERSE=reverse, BLOCK_D=bd, BLOCK_N=bn, CHUNK=cfg.chunk, SUB=cfg.sub_chunk,
+                CT=_tl_compute_dtype(dtype), num_warps=cfg.num_warps or max(1, bd // 32))
+
+
+def _empty_in_layout(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (batch, dim, L) tensor, channels-contiguous ((batch, L, dim) in memory) when ``like`` is, so that
+    the kernels' reads and writes of a step stay coalesced; else contiguous."""
+    batch, dim, L = like.shape
+    if like.stride(1) == 1 and dim > 1:
+        return torch.empty(batch, L, dim, device=like.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(batch, dim, L, device=like.device, dtype=dtype)
+
+
+def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def _combine(h, dts, A_t, first, reverse: bool, ct: torch.dtype) -> torch.Tensor:
+    batch, n_splits, N, dim = h.shape
+    carry = torch.empty_like(h)
+    bd, bn = min(32, triton.next_power_of_2(dim)), triton.next_power_of_2(N)
+    _combine_kernel[(batch, triton.cdiv(dim, bd))](
+        h, dts, A_t, h if first is None else first, carry, dim, N, n_splits,
+        REVERSE=reverse, HAS_FIRST=first is not None, BLOCK_D=bd, BLOCK_N=bn, CT=_tl_compute_dtype(ct),
+    )
+    return carry
 
 
 class SelectiveScanTriton(torch.autograd.Function):
     """Autograd function over the forward and backward kernels; use :func:`selective_scan_triton`."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, cfg):
         batch, dim, L = u.shape
         N = A.shape[1]
         groups = B.shape[1]
         ct = torch.float64 if u.dtype == torch.float64 else torch.float32
         bn = triton.next_power_of_2(N)
         bd = _channels_per_program(dim, groups, cfg.block_d, bn)
+        n_blocks = triton.cdiv(dim, bd)
         n_chunks = max(1, triton.cdiv(L, cfg.chunk))
-        out = torch.empty_like(u)
-        # A as (N, dim) and the checkpoints as (batch, n_chunks, N, dim): contiguous along the lane axis
+        n_splits, per_split = _splits(cfg, batch * n_blocks, n_chunks, u.device)
+        out = _empty_in_layout(u, u.dtype)
+        # A as (N, dim), the states as (batch, ..., N, dim): contiguous along the lane axis
         A_t = A.t().contiguous()
         alloc = torch.empty if L > 0 else torch.zeros  # the kernel writes every element
         ckpt = alloc((batch, n_chunks, N, dim), device=u.device, dtype=ct)
+        dts = None
         if L > 0:
-            _tile_fwd_kernel[(batch, triton.cdiv(dim, bd))](
-                u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
-                u if delta_bias is None else delta_bias, out, ckpt,
-                dim, L, N, dim // groups, groups, n_chunks,
-                **_flags(cfg, bd, bn, u.dtype, D, z, delta_bias, bool(delta_softplus)),
-            )
-        ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias, ckpt)
-        ctx.config = (bool(delta_softplus), cfg, A.dtype)
+            flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, bool(delta_softplus), bool(reverse))
+            args = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
+                    u if delta_bias is None else delta_bias, out, ckpt]
+            sizes = [dim, L, N, dim // groups, n_chunks, per_split, n_splits,
+                     *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(), *B.stride(), *C.stride()]
+            init = None
+            if n_splits > 1:  # each split from zero, then the true state entering each split
+                local = torch.empty(batch, n_splits, N, dim, device=u.device, dtype=ct)
+                dts = torch.empty(batch, n_splits, dim, device=u.device, dtype=ct)
+                _fwd_kernel[(batch, n_blocks, n_splits)](*args, ckpt, local, dts, *sizes, LOCAL=True,
+                                                         HAS_INIT=False, **flags)
+                init = _combine(local, dts, A_t, None, False, ct)
+            _fwd_kernel[(batch, n_blocks, n_splits)](*args, ckpt if init is None else init, ckpt, ckpt, *sizes,
+                                                     LOCAL=False, HAS_INIT=init is not None, **flags)
+        ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts)
+        ctx.config = (bool(delta_softplus), bool(reverse), cfg, A.dtype, n_splits, per_split)
         ctx.set_materialize_grads(False)
         return out, ckpt[:, -1].transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A_t, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        softplus, cfg, A_dtype = ctx.config
+        u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts = ctx.saved_tensors
+        softplus, reverse, cfg, A_dtype, n_splits, per_split = ctx.config
         batch, dim, L = u.shape
         n_chunks, N = ckpt.shape[1], ckpt.shape[2]
         groups = B.shape[1]
@@ -342,31 +512,41 @@ class SelectiveScanTriton(torch.autograd.Function):
         bd = _channels_per_program(dim, groups, cfg.block_d_bwd, bn)
         n_blocks = triton.cdiv(dim, bd)
         dev = u.device
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        if dout is None:
+            dout = torch.zeros_like(u)
         if dlast is not None:
             dlast = dlast.transpose(1, 2).contiguous()  # (batch, N, dim), like the checkpoints
         alloc = torch.empty if L > 0 else torch.zeros  # the kernel writes every element but the atomics' targets
-        du = alloc(u.shape, device=dev, dtype=u.dtype)
-        ddelta = alloc(delta.shape, device=dev, dtype=delta.dtype)
-        dz = alloc(z.shape, device=dev, dtype=z.dtype) if z is not None else None
+        du = _empty_in_layout(u, u.dtype) if L > 0 else torch.zeros_like(u)
+        ddelta = _empty_in_layout(u, delta.dtype) if L > 0 else torch.zeros_like(delta)
+        dz = (_empty_in_layout(u, z.dtype) if L > 0 else torch.zeros_like(z)) if z is not None else None
         dB = torch.zeros(batch, groups, N, L, device=dev, dtype=ct)  # summed over blocks by atomics
         dC = torch.zeros(batch, groups, N, L, device=dev, dtype=ct)
-        dA_part = alloc(batch, N, dim, device=dev, dtype=ct)
-        dD_part = alloc(batch, dim, device=dev, dtype=ct)
-        dbias_part = alloc(batch, dim, device=dev, dtype=ct)
-        scratch = torch.empty(batch * n_blocks * (cfg.chunk // cfg.sub_chunk) * bd * bn, device=dev, dtype=ct)
+        dA_part = alloc(batch * n_splits, N, dim, device=dev, dtype=ct)
+        dD_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
+        dbias_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
         if L > 0:
-            _tile_bwd_kernel[(batch, n_blocks)](
-                u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
-                u if delta_bias is None else delta_bias, dout, ckpt, u if dlast is None else dlast, scratch,
-                du, ddelta, u if dz is None else dz, dB, dC, dA_part, dD_part, dbias_part,
-                dim, L, N, dim // groups, groups, n_chunks, n_blocks,
-                HAS_DLAST=dlast is not None, **_flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus),
-            )
+            flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse)
+            scratch = torch.empty(batch * n_blocks * n_splits * (cfg.chunk // cfg.sub_chunk) * bd * bn, device=dev,
+                                  dtype=ct)
+            grads = [du, ddelta, du if dz is None else dz, dB, dC, dA_part, dD_part, dbias_part]
+            sizes = [dim, L, N, dim // groups, groups, n_chunks, per_split, n_splits, n_blocks,
+                     *u.stride(), *delta.stride(), *_strides(z, 3), *dout.stride(), *du.stride(),
+                     *B.stride(), *C.stride()]
+            head = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
+                    u if delta_bias is None else delta_bias, dout, ckpt]
+            carry = dlast.unsqueeze(1) if dlast is not None else None
+            if n_splits > 1:  # each split's adjoint from zero, then the true carry entering each split
+                local = torch.empty(batch, n_splits, N, dim, device=dev, dtype=ct)
+                _bwd_kernel[(batch, n_blocks, n_splits)](*head, local, scratch, *grads, *sizes, LOCAL=True,
+                                                         HAS_CARRY=False, **flags)
+                carry = _combine(local, dts, A_t, dlast, True, ct)
+            _bwd_kernel[(batch, n_blocks, n_splits)](*head, ckpt if carry is None else carry, scratch, *grads, *sizes,
+                                                     LOCAL=False, HAS_CARRY=carry is not None, **flags)
         dA = dA_part.sum(0).t().to(A_dtype)
         dD = dD_part.sum(0).to(D.dtype) if D is not None else None
         dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
-        return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, None
+        return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, None, None
 
 
 def selective_scan_triton(
@@ -380,11 +560,16 @@ def selective_scan_triton(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    reverse: bool = False,
     config: TritonConfig | None = None,
 ):
     """Fused Triton selective scan; same signature and results as ``selective_scan_reference``.
 
-    Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before triton was imported.
+    Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before triton was imported. u, delta, z,
+    B and C are read through their strides, copied never: a (batch, L, dim) tensor transposed to (batch, dim, L)
+    (channels contiguous, as a linear layer leaves them) is the fastest layout, and the outputs and
+    gradients then take it too. ``reverse``: scan from the last position to the first (the result equals
+    flipping every sequence input, scanning, and flipping the output back), without any flip.
     ``config``: launch parameters (:class:`TritonConfig`; the default is the one measured fastest).
     """
     if not (u.is_cuda or interpreter_active()):
@@ -400,7 +585,8 @@ def selective_scan_triton(
         groups = math.lcm(B4.shape[1], C4.shape[1])
         B4 = B4.repeat_interleave(groups // B4.shape[1], dim=1)
         C4 = C4.repeat_interleave(groups // C4.shape[1], dim=1)
-    args = [t.contiguous() if t is not None else None for t in (u, delta, A, B4, C4, D, z, delta_bias)]
+    params = [t.contiguous() if t is not None else None for t in (A, D, delta_bias)]
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
-        out, last_state = SelectiveScanTriton.apply(*args, delta_softplus, cfg)
+        out, last_state = SelectiveScanTriton.apply(u, delta, params[0], B4, C4, params[1], z, params[2],
+                                                    delta_softplus, reverse, cfg)
     return (out, last_state) if return_last_state else out
