@@ -10,22 +10,23 @@ Backends (``backend=``):
   importable (never required).
 - ``"auto"`` (default): ``"triton"`` for CUDA tensors when triton is importable, ``"torch"`` otherwise.
 
-Why ``auto`` never picks the reference: measured on one CPU core (float32, softplus, z, D, delta_bias; ms
-for the forward alone / forward and backward, reference against torch), the torch backend is as fast or
-faster with and without gradients, at short and long sequences:
+Why ``auto`` never picks the reference: the torch backend is as fast or faster with and without
+gradients, at short and long sequences, and keeps far less for the backward. Measured on one CPU core
+(float32, softplus, z, D, delta_bias; CPU ms, reference / torch; MiB that autograd keeps):
 
-====================  ================  ================
-shape (b, d, L, N)    forward           forward+backward
-====================  ================  ================
-64, 192, 17, 8        34 / 16           142 / 59
-32, 384, 197, 16      206 / 117         878 / 316
-1, 384, 1025, 16      190 / 71          1243 / 237
-4, 64, 4097, 16       608 / 261         5020 / 498
-====================  ================  ================
+==================  ===========  ================  =============
+shape (b, d, L, N)  forward      forward+backward  kept for bwd
+==================  ===========  ================  =============
+64, 192, 17, 8      12.2 / 7.0   39.7 / 17.5       38 / 7
+32, 384, 197, 16    216 / 110    886 / 289         804 / 96
+1, 384, 1025, 16    50 / 20      283 / 52
+4, 64, 4097, 16     164 / 61     1434 / 167
+2, 6, 7, 4          0.2 / 0.2    0.8 / 0.7
+==================  ===========  ================  =============
 
-Only at a handful of elements (b 2, d 16, L 1) is the reference ahead, by 0.2 ms. On GPUs the reference
-launches about twenty kernels per step and the torch backend three (plus a few per chunk), so the order
-is the same where triton is missing.
+Only at a handful of elements (b 2, d 16, L 1) is the reference ahead, by 0.3 ms. On GPUs without triton
+the order is the same: the reference launches about twenty kernels per step, the torch backend three
+(plus a few per chunk).
 """
 
 from __future__ import annotations
