@@ -318,27 +318,36 @@ def _jitter(img: Any, jitter: tuple) -> Any:
     return img
 
 
-def _apply_tensor(img: torch.Tensor, it: EncodedImage) -> torch.Tensor:
-    """The same steps on a decoded ``(3, H, W)`` uint8 tensor on the device: a uint8 ``(3, h, w)`` tensor."""
+def _resize_tensor(img: torch.Tensor, it: EncodedImage) -> torch.Tensor:
+    """Crop, resize and centre-crop a decoded ``(3, H, W)`` uint8 tensor on the device: float ``(3, h, w)``
+    holding 0..255, not yet rounded (the caller rounds the whole batch at once, as PIL rounds its output)."""
     interp = InterpolationMode(it.interpolation)
     if it.crop is not None:
         top, left, h, w = it.crop
         img = img[:, top : top + h, left : left + w]
+    img = img.float()
     if it.resize is not None:
         size = list(it.resize) if isinstance(it.resize, tuple) else [it.resize]
-        if interp == InterpolationMode.NEAREST:
-            img = TF.resize(img, size, interp)
-        else:  # antialiased like PIL; interpolated in float, rounded back to 8 bits as PIL's output is
-            img = TF.resize(img.float(), size, interp, antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+        img = TF.resize(img, size, interp, antialias=interp != InterpolationMode.NEAREST)
     if it.center_crop is not None:
         img = TF.center_crop(img, list(it.center_crop))
-    if it.hflip:
-        img = img.flip(-1)
-    if it.vflip:
-        img = img.flip(-2)
-    if it.jitter is not None:
-        img = _jitter(img, it.jitter)
     return img
+
+
+def _finish_tensors(images: list[torch.Tensor], plans: list[EncodedImage], mean: torch.Tensor,
+                    std: torch.Tensor) -> torch.Tensor:
+    """Round to 8-bit levels, flip, jitter and normalise resized images, batched where the steps allow."""
+    x = torch.stack(images).round_().clamp_(0, 255)
+    device = x.device
+    for attr, dim in (("hflip", -1), ("vflip", -2)):
+        rows = [k for k, it in enumerate(plans) if getattr(it, attr)]
+        if rows:
+            index = torch.tensor(rows, device=device)
+            x[index] = x[index].flip(dim)
+    for k, it in enumerate(plans):
+        if it.jitter is not None:  # per image, in 8 bits like PIL's enhancers
+            x[k] = _jitter(x[k].to(torch.uint8), it.jitter).float()
+    return x.div_(255).sub_(mean).div_(std)
 
 
 def decode_batch(
@@ -347,6 +356,7 @@ def decode_batch(
     mean: Sequence[float],
     std: Sequence[float],
     on_bad: Callable[[int, str], None] | None = None,
+    tensor_ops: bool | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Decode and transform a batch's images on ``device``.
 
@@ -356,6 +366,8 @@ def decode_batch(
             exactly the CPU path's images).
         mean, std: normalisation, as the CPU transform's ``Normalize``.
         on_bad: called with (index in the batch, reason) for an image that decodes nowhere; it may raise.
+        tensor_ops: resize, flip and jitter with torch tensor operations (what runs on CUDA) rather than with
+            PIL; default: on CUDA only. (Tensor operations on a CPU device test the CUDA path's arithmetic.)
 
     Returns:
         ``(images (N, 3, H, W) float32 on device, kept)``: ``kept`` lists the batch indices of the N images
@@ -367,13 +379,13 @@ def decode_batch(
     decoded = dict(zip(todo, _decode_all([items[i] for i in todo], device))) if todo else {}
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
-    out: list[torch.Tensor] = []
-    kept: list[int] = []
+    use_tensors = device.type != "cpu" if tensor_ops is None else tensor_ops
+    finished: dict[int, torch.Tensor] = {}  # index -> final image (worker fallbacks, the CPU device)
+    resized: dict[int, torch.Tensor] = {}  # index -> resized, still to finish as a batch (CUDA)
     for i, it in enumerate(items):
         if it.data is None:
             assert it.image is not None
-            out.append(it.image.to(device, non_blocking=True))
-            kept.append(i)
+            finished[i] = it.image.to(device, non_blocking=True)
             continue
         img = decoded.get(i)
         if img is None:  # the device decoder refused it: the CPU path's decoder decides
@@ -386,16 +398,19 @@ def decode_batch(
             img = TF.pil_to_tensor(pil)
             if device.type == "cuda":
                 img = img.to(device, non_blocking=True)
-        if device.type == "cpu":
+        if not use_tensors:
             pil = Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB")
-            x = TF.to_tensor(_apply_pil(pil, it))
+            finished[i] = TF.to_tensor(_apply_pil(pil, it)).sub_(mean_t).div_(std_t)
         else:
-            x = _apply_tensor(img, it).float().div_(255)
-        out.append(x.sub_(mean_t).div_(std_t))
-        kept.append(i)
-    if not out:
+            resized[i] = _resize_tensor(img, it)
+    if resized:
+        order = list(resized)
+        done = _finish_tensors([resized[i] for i in order], [items[i] for i in order], mean_t, std_t)
+        finished.update(zip(order, done.unbind(0)))
+    kept = sorted(finished)
+    if not kept:
         return torch.empty((0, 3, 0, 0), device=device), kept
-    return torch.stack(out), kept
+    return torch.stack([finished[i] for i in kept]), kept
 
 
 def select_rows(batch: dict[str, Any], kept: list[int], size: int) -> dict[str, Any]:

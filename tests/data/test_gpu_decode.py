@@ -184,6 +184,17 @@ def test_image_label_batches_equal_the_cpu_path_with_workers(tmp_path):
             assert torch.equal(x["image"], y["image"])
 
 
+def test_caption_batches_whose_decoder_decodes_itself_arrive_decoded(tmp_path, tokenizer):
+    from mmpretrain.data.semicausal import ImageCaptionDataModule
+
+    url = write_set(tmp_path / "s", n=8, odd=False)
+    kw = dict(train_shards=url, tokenizer=tokenizer, context_length=12, image_size=24, batch_size=4, num_workers=0,
+              mode="epoch")
+    a = batches(ImageCaptionDataModule(**kw))
+    b = batches(ImageCaptionDataModule(decode_device="cuda", **kw))
+    assert all(torch.equal(x["image"], y["image"]) and torch.equal(x["doc_ids"], y["doc_ids"]) for x, y in zip(a, b))
+
+
 def test_a_jpeg_no_decoder_reads_is_dropped_and_counted_or_raised_in_strict_mode():
     good = encode(photo(30, 40, 3))
     broken = good[:300] + b"\x00" * 200 + b"\xff\xd9"  # passes the header check, fails to decode
@@ -246,7 +257,7 @@ def test_cuda_batches_match_the_cpu_path(tmp_path, tokenizer, train_transform):
         for x, y in zip(want, got):
             assert y["image"].device.type == "cuda" and x["key"] == y["key"]
             levels = ((y["image"].cpu() - x["image"]) * std * 255).abs()  # in 8-bit levels
-            assert levels.max() <= 3.0 and levels.mean() < 0.25, (levels.max(), levels.mean())
+            assert levels.max() <= 3.0 and levels.mean() < 0.35, (levels.max(), levels.mean())
 
 
 @cuda
@@ -258,3 +269,25 @@ def test_cuda_decode_of_a_batch_with_a_broken_jpeg_falls_back_per_image():
     bad = []
     out, kept = decode_batch(images, "cuda", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), lambda i, r: bad.append(i))
     assert kept == [0, 2] and bad == [1] and out.shape == (2, 3, 16, 16) and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_tensor_operations_of_the_cuda_path_stay_within_a_few_levels_of_pil(train):
+    """The arithmetic CUDA runs (float antialiased resize, batched rounding, flips, 8-bit jitter), on the CPU."""
+    args = {"hflip": 0.5, "vflip": 0.5, "color_jitter": 0.3, "interpolation": "random"} if train else {"crop_pct": 0.9}
+    transform = create_transform(40, is_training=train, **args)
+    planner = DeviceImagePlanner(transform, "train")
+    rng = random.Random()
+    plans, want = [], []
+    for k in range(12):
+        data = encode(photo(50 + 5 * k, 90 - 3 * k, k), quality=92)
+        seed_sample(5, k, rng)
+        want.append(transform(decode_image(data)))
+        seed_sample(5, k, rng)
+        plans.append(planner.plan(data))
+    got, kept = decode_batch(EncodedImageBatch(plans), "cpu", planner.mean, planner.std, tensor_ops=True)
+    assert kept == list(range(12))
+    levels = ((got - torch.stack(want)) * torch.tensor(planner.std).view(1, 3, 1, 1) * 255).abs()
+    assert levels.mean() < 0.5 and levels.flatten(1).quantile(0.99, dim=1).max() <= 3.0, levels.max()
+    if train:
+        assert any(p.hflip for p in plans) and any(p.vflip for p in plans) and all(p.jitter for p in plans)
