@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +21,9 @@ from mmpretrain.ops.selective_scan import (
     selective_scan_chunked,
     selective_scan_reference,
 )
-from mmpretrain.ops.selective_scan.chunked import auto_chunk_size
+from mmpretrain.ops.selective_scan.chunked import auto_chunk_size, softplus
 from mmpretrain.ops.selective_scan.dispatch import mamba_ssm_available, triton_available
+from tests.ops.interpreter import rerun_in_interpreter
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -217,6 +215,20 @@ def test_torch_backend_saves_a_fraction_of_the_full_state():
     assert torch.isfinite(t["A"].grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_backend_softplus_matches_functional(dtype):
+    """The CPU softplus (log1p from exp and log) against F.softplus across its range, threshold included."""
+    x = torch.cat([torch.linspace(-120, 120, 24001, dtype=torch.float64), torch.tensor([-1e-30, 0.0, 20.0])])
+    x = torch.cat([x, torch.nextafter(torch.tensor([20.0], dtype=torch.float64), torch.tensor(30.0, dtype=torch.float64))])
+    x = x.to(dtype)
+    exp = torch.nn.functional.softplus(x.double()).to(dtype)  # of the same inputs, in float64, rounded once
+    got = softplus(x)
+    assert got.dtype == dtype
+    info = torch.finfo(dtype)
+    torch.testing.assert_close(got, exp, rtol=4 * info.eps, atol=info.tiny)  # atol: float32 subnormals (x < -87)
+    assert torch.equal(got[x > 20], x[x > 20])
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_torch_backend_auto_chunk_size(device):
     """Chunks fill the per-device budget (1M elements per buffer on CPU, 16M on GPUs), within 1..64 and L."""
@@ -296,27 +308,10 @@ def test_triton_backend_strong_decay_and_mixed_groups(device):
     assert_matches(got, reference_of(t, flags), RTOL[torch.float32], "triton strong decay", ATOL[torch.float32])
 
 
-def _interpreter_usable() -> bool:
-    """Triton before 3.8 turns kernel int arguments into 1-element arrays that numpy >= 2.5 will not index with."""
-    import numpy
-    import triton
-
-    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])  # noqa: E731
-    return not (version(triton.__version__) < (3, 8) and version(numpy.__version__) >= (2, 5))
-
-
 @pytest.mark.skipif(INTERPRET or not triton_available(), reason="this is the parent of the interpreter run")
 def test_triton_kernels_in_interpreter():
     """Rerun this file's triton tests on CPU under TRITON_INTERPRET=1 (which must be set before import)."""
-    if not _interpreter_usable():
-        pytest.skip("this triton's interpreter does not run with this numpy (triton < 3.8 with numpy >= 2.5)")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--noconftest", str(Path(__file__)),
-           "-k", "test_triton_backend"]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"interpreted triton tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    rerun_in_interpreter(__file__, "test_triton_backend")
 
 
 # --- dispatch, errors, optional mamba_ssm ---------------------------------------------------------
