@@ -21,10 +21,10 @@ starting state. Working memory is a few (T, batch, dim, N) tensors of one chunk.
 
 On GPUs (where ``auto`` picks the fused triton kernels when triton is present) the loop costs one kernel
 launch per step and direction, about 3 L launches per forward and backward, and the vectorised work reads
-and writes the chunk buffers some 40 times per state element. Formulations without the loop were measured
-and dropped: the masked segment sum over T x T per chunk (the previous version of this backend) does T
-times the work and was 28x slower than the reference on CPU and 5x on an H200; cumulative sums of log
-decays (cumsum or a triangular matmul) need exp(-sum) factors that overflow for strong decays.
+and writes the chunk buffers some 40 times per state element. Without the loop: the masked segment sum
+over T x T per chunk (this backend's previous version) does T times the work, and was measured 28x slower
+than the reference on CPU and 5x slower on an H200; cumulative sums of log decays (by cumsum or by a
+triangular matmul) were not tried, as their exp(-sum) factors overflow for strong decays.
 """
 
 from __future__ import annotations
