@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmpretrain.ops.causal_conv1d import causal_conv1d, causal_conv1d_reference
+from tests.ops.interpreter import rerun_in_interpreter
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -98,10 +96,4 @@ def test_bad_arguments_are_named():
 @pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="this is the parent of the interpreter run")
 def test_triton_conv_in_interpreter():
     """Rerun this file's triton tests on CPU under TRITON_INTERPRET=1 (which must be set before import)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--noconftest", str(Path(__file__)),
-           "-k", "test_triton_conv_matches"]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreted triton tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    rerun_in_interpreter(__file__, "test_triton_conv_matches")

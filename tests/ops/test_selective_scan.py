@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +23,7 @@ from mmpretrain.ops.selective_scan import (
 )
 from mmpretrain.ops.selective_scan.chunked import auto_chunk_size, softplus
 from mmpretrain.ops.selective_scan.dispatch import mamba_ssm_available, triton_available
+from tests.ops.interpreter import rerun_in_interpreter
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -310,27 +308,10 @@ def test_triton_backend_strong_decay_and_mixed_groups(device):
     assert_matches(got, reference_of(t, flags), RTOL[torch.float32], "triton strong decay", ATOL[torch.float32])
 
 
-def _interpreter_usable() -> bool:
-    """Triton before 3.8 turns kernel int arguments into 1-element arrays that numpy >= 2.5 will not index with."""
-    import numpy
-    import triton
-
-    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])  # noqa: E731
-    return not (version(triton.__version__) < (3, 8) and version(numpy.__version__) >= (2, 5))
-
-
 @pytest.mark.skipif(INTERPRET or not triton_available(), reason="this is the parent of the interpreter run")
 def test_triton_kernels_in_interpreter():
     """Rerun this file's triton tests on CPU under TRITON_INTERPRET=1 (which must be set before import)."""
-    if not _interpreter_usable():
-        pytest.skip("this triton's interpreter does not run with this numpy (triton < 3.8 with numpy >= 2.5)")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--noconftest", str(Path(__file__)),
-           "-k", "test_triton_backend"]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"interpreted triton tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    rerun_in_interpreter(__file__, "test_triton_backend")
 
 
 # --- dispatch, errors, optional mamba_ssm ---------------------------------------------------------

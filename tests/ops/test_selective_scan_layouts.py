@@ -9,19 +9,16 @@ On CPU these run under Triton's interpreter in a subprocess (see test_selective_
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from mmpretrain.ops.selective_scan import selective_scan, selective_scan_reference
 from mmpretrain.ops.selective_scan.dispatch import triton_available
+from tests.ops.interpreter import rerun_in_interpreter
 from tests.ops.test_selective_scan import (
     ATOL,
     RTOL,
-    _interpreter_usable,
     _triton,
     assert_matches,
     make_inputs,
@@ -52,7 +49,8 @@ def channels_last(t: dict, gate_slice: bool) -> dict:
         out[k] = view.requires_grad_(True)
     if t["B"].dim() == 3:
         batch, N, L = t["B"].shape
-        packed = torch.cat([torch.zeros(batch, 3, L, dtype=t["B"].dtype), t["B"].detach(), t["C"].detach()], 1)
+        packed = torch.cat([torch.zeros(batch, 3, L, dtype=t["B"].dtype, device=t["B"].device), t["B"].detach(),
+                            t["C"].detach()], 1)
         packed = packed.transpose(1, 2).contiguous()  # (batch, L, 3 + 2N), like x_proj's output
         out["B"] = packed[:, :, 3:3 + N].transpose(1, 2).requires_grad_(True)
         out["C"] = packed[:, :, 3 + N:].transpose(1, 2).requires_grad_(True)
@@ -73,7 +71,7 @@ def expected_of(t: dict, flags: dict, reverse: bool) -> dict:
     """The float64 reference on the same (already rounded) inputs, forwards or backwards."""
     if not reverse:
         return reference_of(t, flags)
-    ins64 = {k: (v.detach().cpu().double().requires_grad_(True) if v is not None else None) for k, v in t.items()}
+    ins64 = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in t.items()}
     return run_with_grads(reversed_reference, ins64, flags)
 
 
@@ -120,12 +118,4 @@ def test_reverse_on_other_backends_flips(backend):
 @pytest.mark.skipif(INTERPRET or not triton_available(), reason="this is the parent of the interpreter run")
 def test_triton_layouts_in_interpreter():
     """Rerun this file's triton tests on CPU under TRITON_INTERPRET=1 (which must be set before import)."""
-    if not _interpreter_usable():
-        pytest.skip("this triton's interpreter does not run with this numpy (triton < 3.8 with numpy >= 2.5)")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--noconftest", str(Path(__file__)),
-           "-k", "test_triton_layouts_directions or test_triton_splits"]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"interpreted triton tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    rerun_in_interpreter(__file__, "test_triton_layouts_directions or test_triton_splits")

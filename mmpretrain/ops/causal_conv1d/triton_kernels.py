@@ -5,9 +5,10 @@ x is (batch, dim, L) read through its strides (fastest when channels are contigu
 and dx are written channels-contiguous. One program per (batch row, block of steps, block of channels).
 
 Forward: pre_t = bias + sum_j w_j x_{t + S (j - (K-1))} (S = 1 causal, S = -1 for ``reverse``), out = silu(pre).
-Backward, one kernel: pre is recomputed at the K positions each dx_s needs, dpre = dout silu'(pre),
-dx_s = sum_j w_j dpre_{s + S ((K-1) - j)}; dw_j and dbias are summed over the program's steps in registers
-and over programs with float32 atomics.
+Backward, one kernel, one program per (batch row, block of channels) walking the steps: pre is recomputed
+at the K positions each dx_s needs, dpre = dout silu'(pre), dx_s = sum_j w_j dpre_{s + S ((K-1) - j)};
+dw_j and dbias are summed over the row's steps by the program and over rows on the host (no atomics:
+thousands of programs adding into dim x K numbers serialised on them).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import triton.language as tl
 
 @triton.jit
 def _pre_activation(x_ptr, x_row, t, mask_d, L, s_l, w_ptrs, bias, K: tl.constexpr, SIGN: tl.constexpr,
-                    CT: tl.constexpr):
+                    CT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """bias + sum_j w_j x_{t + SIGN (j - (K-1))} for a (BLOCK_L, BLOCK_D) tile of steps t."""
-    acc = tl.zeros(t.shape + mask_d.shape, dtype=CT) + bias[None, :]
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT) + bias[None, :]
     for j in tl.static_range(K):
         ts = t + SIGN * (j - (K - 1))
         m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
@@ -43,7 +44,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, L, sx_b, sx_d, sx_l, so_
     else:
         bias = tl.zeros((BLOCK_D,), dtype=CT)
     w_ptrs = tl.where(mask_d, w_ptr + offs_d * K, w_ptr)  # weight (dim, K); masked channels read row 0
-    pre = _pre_activation(x_ptr, pid_b * sx_b + offs_d * sx_d, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT)
+    pre = _pre_activation(x_ptr, pid_b * sx_b + offs_d * sx_d, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
     if SILU:
         pre = pre / (1.0 + tl.exp(-pre))
     m = (t < L)[:, None] & mask_d[None, :]
@@ -55,10 +56,11 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, L, sx_b, sx_d, sx_l, so_
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, dim, L,
                      sx_b, sx_d, sx_l, sg_b, sg_d, sg_l, so_b, so_d, so_l,
                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CT: tl.constexpr):
+                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CT: tl.constexpr):
+    """One program per (batch row, block of channels), walking the steps in tiles; the weight and bias
+    gradients of the row are summed in registers and stored per row (the host sums the rows)."""
     pid_b = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
@@ -67,29 +69,36 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, dim,
     w_ptrs = tl.where(mask_d, w_ptr + offs_d * K, w_ptr)  # weight (dim, K); masked channels read row 0
     x_row = pid_b * sx_b + offs_d * sx_d
     g_row = pid_b * sg_b + offs_d * sg_d
-    dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
-    for i in tl.static_range(K):
-        # the output step t = s + SIGN i reads x_s through weight j = K-1-i
-        t = s + SIGN * i
-        m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
-        pre = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT)
-        dpre = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=m_t, other=0.0).to(CT)
-        if SILU:
-            sig = 1.0 / (1.0 + tl.exp(-pre))
-            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-        dpre = tl.where(m_t, dpre, 0.0)
-        dx += dpre * tl.load(w_ptrs + (K - 1 - i)).to(CT)[None, :]
-        if i == 0:  # each output step once: its own weight gradients and bias gradient
-            for j in tl.static_range(K):
-                ts = s + SIGN * (j - (K - 1))
-                m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
-                xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
-                tl.atomic_add(dw_ptr + offs_d * K + j, tl.sum(dpre * xv, axis=0), mask=mask_d, sem="relaxed")
-            if HAS_BIAS:
-                tl.atomic_add(db_ptr + offs_d, tl.sum(dpre, axis=0), mask=mask_d, sem="relaxed")
-    m = (s < L)[:, None] & mask_d[None, :]
-    tl.store(dx_ptr + pid_b * so_b + offs_d[None, :] * so_d + s[:, None] * so_l, dx.to(dx_ptr.dtype.element_ty),
-             mask=m)
+    db = tl.zeros((BLOCK_D,), dtype=CT)
+    offs_k = tl.arange(0, BLOCK_K)
+    dw = tl.zeros((BLOCK_K, BLOCK_D), dtype=CT)  # row j: d loss / d weight[:, j]
+    for l0 in range(0, L, BLOCK_L):
+        s = l0 + tl.arange(0, BLOCK_L)
+        dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
+        for i in tl.static_range(K):
+            # the output step t = s + SIGN i reads x_s through weight j = K-1-i
+            t = s + SIGN * i
+            m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
+            pre = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
+            dpre = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=m_t, other=0.0).to(CT)
+            if SILU:
+                sig = 1.0 / (1.0 + tl.exp(-pre))
+                dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+            dpre = tl.where(m_t, dpre, 0.0)
+            dx += dpre * tl.load(w_ptrs + (K - 1 - i)).to(CT)[None, :]
+            if i == 0:  # each output step once: its weight and bias gradients
+                for j in tl.static_range(K):
+                    ts = s + SIGN * (j - (K - 1))
+                    m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
+                    xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
+                    dw += tl.where((offs_k == j)[:, None], tl.sum(dpre * xv, axis=0)[None, :], 0.0)
+                db += tl.sum(dpre, axis=0)
+        m = (s < L)[:, None] & mask_d[None, :]
+        tl.store(dx_ptr + pid_b * so_b + offs_d[None, :] * so_d + s[:, None] * so_l, dx.to(dx_ptr.dtype.element_ty),
+                 mask=m)
+    tl.store(db_ptr + pid_b * dim + offs_d, db, mask=mask_d)
+    tl.store(dw_ptr + (pid_b * dim + offs_d[None, :]) * K + offs_k[:, None], dw,
+             mask=(offs_k < K)[:, None] & mask_d[None, :])
 
 
 def _ct(dtype: torch.dtype):
@@ -126,14 +135,15 @@ class CausalConv1dTriton(torch.autograd.Function):
         K = w.shape[1]
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
         dx = _empty_channels_last(batch, dim, L, x)
-        dw = torch.zeros(dim, K, device=x.device, dtype=ct)
-        db = torch.zeros(dim, device=x.device, dtype=ct)
-        grid = (batch, triton.cdiv(L, BLOCK_L), triton.cdiv(dim, BLOCK_D))
+        dw = torch.empty(batch, dim, K, device=x.device, dtype=ct)  # per batch row, summed below
+        db = torch.empty(batch, dim, device=x.device, dtype=ct)
+        grid = (batch, triton.cdiv(dim, BLOCK_D))
         _conv_bwd_kernel[grid](x, w, w if bias is None else bias, dout, dx, dw, db, dim, L,
                                *x.stride(), *dout.stride(), *dx.stride(),
                                HAS_BIAS=bias is not None, SILU=silu, K=K, SIGN=-1 if reverse else 1,
-                               BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, CT=_ct(x.dtype), num_warps=4)
-        return dx, dw.to(w.dtype), (db.to(bias.dtype) if bias is not None else None), None, None
+                               BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, BLOCK_K=triton.next_power_of_2(K), CT=_ct(x.dtype),
+                               num_warps=4)
+        return dx, dw.sum(0).to(w.dtype), (db.sum(0).to(bias.dtype) if bias is not None else None), None, None
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -87,6 +87,31 @@ def _adjoint_combine(f2, q2, s2, f1, q1, s1):
 
 
 @triton.jit
+def _tile_steps(s0, offs_s, end, mask_d, mask_n, REVERSE: tl.constexpr, L):
+    """The tile of scan steps s0 + offs_s (those before ``end``): their positions in memory (L - 1 - s when
+    REVERSE), and the masks over (SUB, BD) and (SUB, BN)."""
+    s = s0 + offs_s
+    mask_t = s < end
+    if REVERSE:
+        tm = L - 1 - s
+    else:
+        tm = s
+    return tm, mask_t[:, None] & mask_d[None, :], mask_t[:, None] & mask_n[None, :]
+
+
+@triton.jit
+def _dt_of(raw, m_td, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(delta + bias, dt) from loaded delta: dt is its softplus when SOFTPLUS, zero at masked steps."""
+    if HAS_BIAS:
+        raw = raw + bias[None, :]
+    if SOFTPLUS:
+        dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
+    else:
+        dt = raw
+    return raw, tl.where(m_td, dt, 0.0)
+
+
+@triton.jit
 def _fwd_kernel(
     u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr, init_ptr, local_ptr, dts_ptr,
     dim, L, N, channels_per_group, n_chunks, chunks_per_split, n_splits,
@@ -116,6 +141,8 @@ def _fwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=CT)
     u_row = pid_b * su_b + offs_d * su_d  # (BD,)
     dt_row = pid_b * sdt_b + offs_d * sdt_d
     z_row = pid_b * sz_b + offs_d * sz_d
@@ -131,44 +158,52 @@ def _fwd_kernel(
     dt_sum = tl.zeros((BLOCK_D,), dtype=CT)
     c_begin = pid_s * chunks_per_split
     c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
-    for c in range(c_begin, c_end):
-        t0 = c * CHUNK
-        n_steps = tl.minimum(L - t0, CHUNK)
-        for s0 in range(0, n_steps, SUB):
-            s = t0 + s0 + offs_s  # scan steps (SUB,)
-            mask_t = s < L
-            if REVERSE:
-                tm = L - 1 - s  # positions in memory
-            else:
-                tm = s
-            m_td = mask_t[:, None] & mask_d[None, :]
-            m_tn = mask_t[:, None] & mask_n[None, :]
-            u = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)  # (SUB, BD)
-            dt = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
-            if HAS_BIAS:
-                dt = dt + bias[None, :]
-            if SOFTPLUS:
-                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-            dt = tl.where(m_td, dt, 0.0)
-            Bt = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)  # (SUB, BN)
-            a = tl.exp(dt[:, None, :] * A[None, :, :])  # (SUB, BN, BD)
-            bx = (dt * u)[:, None, :] * Bt[:, :, None]
-            a_cum, b_cum = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
-            xs = a_cum * x[None, :, :] + b_cum
-            if LOCAL:
-                dt_sum += tl.sum(dt, axis=0)
-            else:
-                Ct = tl.load(C_ptr + C_row[None, :] + tm[:, None] * sC_l, mask=m_tn, other=0.0).to(CT)
-                y = tl.sum(xs * Ct[:, :, None], axis=1)  # (SUB, BD)
-                if HAS_D:
-                    y = y + Dv[None, :] * u
-                if HAS_Z:
-                    zt = tl.load(z_ptr + z_row[None, :] + tm[:, None] * sz_l, mask=m_td, other=0.0).to(CT)
-                    y = y * zt / (1.0 + tl.exp(-zt))
-                tl.store(out_ptr + o_row[None, :] + tm[:, None] * so_l, y.to(out_ptr.dtype.element_ty), mask=m_td)
-            x = tl.sum(tl.where((offs_s == SUB - 1)[:, None, None], xs, -0.0), axis=0)
+    t_begin = c_begin * CHUNK
+    t_end = tl.minimum(c_end * CHUNK, L)
+    # one loop over the split's tiles, each tile's loads issued one tile ahead (their latency hides behind
+    # the previous tile's arithmetic); a tile never straddles two chunks (SUB divides CHUNK)
+    tm, m_td, m_tn = _tile_steps(t_begin, offs_s, t_end, mask_d, mask_n, REVERSE, L)
+    u_n = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)
+    dt_n = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
+    B_n = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)
+    C_n = tl.zeros((SUB, BLOCK_N), dtype=CT)
+    z_n = tl.zeros((SUB, BLOCK_D), dtype=CT)
+    if not LOCAL:
+        C_n = tl.load(C_ptr + C_row[None, :] + tm[:, None] * sC_l, mask=m_tn, other=0.0).to(CT)
+        if HAS_Z:
+            z_n = tl.load(z_ptr + z_row[None, :] + tm[:, None] * sz_l, mask=m_td, other=0.0).to(CT)
+    for i in range(tl.cdiv(t_end - t_begin, SUB)):
+        t0 = t_begin + i * SUB
+        u, dt_in, Bt, Ct, zt = u_n, dt_n, B_n, C_n, z_n
+        tm, m_td, m_tn = _tile_steps(t0, offs_s, t_end, mask_d, mask_n, REVERSE, L)
+        tn, n_td, n_tn = _tile_steps(t0 + SUB, offs_s, t_end, mask_d, mask_n, REVERSE, L)
+        u_n = tl.load(u_ptr + u_row[None, :] + tn[:, None] * su_l, mask=n_td, other=0.0).to(CT)
+        dt_n = tl.load(delta_ptr + dt_row[None, :] + tn[:, None] * sdt_l, mask=n_td, other=0.0).to(CT)
+        B_n = tl.load(B_ptr + B_row[None, :] + tn[:, None] * sB_l, mask=n_tn, other=0.0).to(CT)
         if not LOCAL:
-            tl.store(ckpt_ptr + (pid_b * n_chunks + c) * N * dim + state_nd, x, mask=mask_nd)
+            C_n = tl.load(C_ptr + C_row[None, :] + tn[:, None] * sC_l, mask=n_tn, other=0.0).to(CT)
+            if HAS_Z:
+                z_n = tl.load(z_ptr + z_row[None, :] + tn[:, None] * sz_l, mask=n_td, other=0.0).to(CT)
+        dt_raw, dt = _dt_of(dt_in, m_td, bias, HAS_BIAS, SOFTPLUS)
+        a = tl.exp(dt[:, None, :] * A[None, :, :])  # (SUB, BN, BD)
+        bx = (dt * u)[:, None, :] * Bt[:, :, None]
+        a_cum, b_cum = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
+        xs = a_cum * x[None, :, :] + b_cum
+        if LOCAL:
+            dt_sum += tl.sum(dt, axis=0)
+        else:
+            y = tl.sum(xs * Ct[:, :, None], axis=1)  # (SUB, BD)
+            if HAS_D:
+                y = y + Dv[None, :] * u
+            if HAS_Z:
+                y = y * zt / (1.0 + tl.exp(-zt))
+            tl.store(out_ptr + o_row[None, :] + tm[:, None] * so_l, y.to(out_ptr.dtype.element_ty), mask=m_td)
+        x = tl.sum(tl.where((offs_s == SUB - 1)[:, None, None], xs, -0.0), axis=0)
+        if not LOCAL:
+            t_next = t0 + SUB
+            if (t_next % CHUNK == 0) | (t_next >= t_end):  # the end of a chunk: checkpoint the state
+                c = (t_next - 1) // CHUNK
+                tl.store(ckpt_ptr + (pid_b * n_chunks + c) * N * dim + state_nd, x, mask=mask_nd)
     if LOCAL:
         tl.store(local_ptr + split_off + state_nd, x, mask=mask_nd)
         tl.store(dts_ptr + (pid_b * n_splits + pid_s) * dim + offs_d, dt_sum, mask=mask_d)
@@ -238,6 +273,8 @@ def _bwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=CT)
     u_row = pid_b * su_b + offs_d * su_d
     dt_row = pid_b * sdt_b + offs_d * sdt_d
     z_row = pid_b * sz_b + offs_d * sz_d
@@ -270,53 +307,60 @@ def _bwd_kernel(
             x = tl.load(ckpt_ptr + (pid_b * n_chunks + c - 1) * N * dim + state_nd, mask=mask_nd & (c > 0),
                         other=0.0).to(CT)
             tl.debug_barrier()  # the previous chunk's reverse walk has read its scratch
+            # each tile's loads are issued one tile ahead (the last iteration reloads its own tile, unused)
+            tm, m_td, m_tn = _tile_steps(t0, offs_s, L, mask_d, mask_n, REVERSE, L)
+            u_n = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)
+            dt_n = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
+            B_n = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)
             for j in range(n_sub):
-                s = t0 + j * SUB + offs_s
-                mask_t = s < L
-                if REVERSE:
-                    tm = L - 1 - s
-                else:
-                    tm = s
-                m_td = mask_t[:, None] & mask_d[None, :]
-                m_tn = mask_t[:, None] & mask_n[None, :]
-                u = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)
-                dt = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
-                if HAS_BIAS:
-                    dt = dt + bias[None, :]
-                if SOFTPLUS:
-                    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-                dt = tl.where(m_td, dt, 0.0)
-                Bt = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)
+                u, dt_in, Bt = u_n, dt_n, B_n
+                tm, m_td, m_tn = _tile_steps(t0 + j * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
+                tn, n_td, n_tn = _tile_steps(t0 + tl.minimum(j + 1, n_sub - 1) * SUB, offs_s, L, mask_d, mask_n,
+                                             REVERSE, L)
+                u_n = tl.load(u_ptr + u_row[None, :] + tn[:, None] * su_l, mask=n_td, other=0.0).to(CT)
+                dt_n = tl.load(delta_ptr + dt_row[None, :] + tn[:, None] * sdt_l, mask=n_td, other=0.0).to(CT)
+                B_n = tl.load(B_ptr + B_row[None, :] + tn[:, None] * sB_l, mask=n_tn, other=0.0).to(CT)
+                dt_raw, dt = _dt_of(dt_in, m_td, bias, HAS_BIAS, SOFTPLUS)
                 tl.store(scratch + j * (BLOCK_N * BLOCK_D), x)  # state before tile j
                 a = tl.exp(dt[:, None, :] * A[None, :, :])
                 bx = (dt * u)[:, None, :] * Bt[:, :, None]
                 a_cum, b_cum = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
                 x = tl.sum(tl.where((offs_s == SUB - 1)[:, None, None], a_cum * x[None, :, :] + b_cum, -0.0), axis=0)
             tl.debug_barrier()  # the states are in the scratch before they are read back
+        # the reverse walk, its loads one tile ahead too
+        tm, m_td, m_tn = _tile_steps(t0 + (n_sub - 1) * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
+        dt_n = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
+        C_n = tl.load(C_ptr + C_row[None, :] + tm[:, None] * sC_l, mask=m_tn, other=0.0).to(CT)
+        dy_n = tl.load(dout_ptr + g_row[None, :] + tm[:, None] * sg_l, mask=m_td, other=0.0).to(CT)
+        z_n = tl.zeros((SUB, BLOCK_D), dtype=CT)
+        if HAS_Z:
+            z_n = tl.load(z_ptr + z_row[None, :] + tm[:, None] * sz_l, mask=m_td, other=0.0).to(CT)
+        u_n = tl.zeros((SUB, BLOCK_D), dtype=CT)
+        B_n = tl.zeros((SUB, BLOCK_N), dtype=CT)
+        x_n = tl.zeros((BLOCK_N, BLOCK_D), dtype=CT)
+        if not LOCAL:
+            u_n = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)
+            B_n = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)
+            x_n = tl.load(scratch + (n_sub - 1) * (BLOCK_N * BLOCK_D))
         for jj in range(n_sub):
             j = n_sub - 1 - jj
-            s = t0 + j * SUB + offs_s
-            mask_t = s < L
-            if REVERSE:
-                tm = L - 1 - s
-            else:
-                tm = s
-            m_td = mask_t[:, None] & mask_d[None, :]
-            m_tn = mask_t[:, None] & mask_n[None, :]
-            dt_raw = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
-            if HAS_BIAS:
-                dt_raw = dt_raw + bias[None, :]
-            if SOFTPLUS:
-                dt = tl.where(dt_raw <= 20.0, tl.log(1.0 + tl.exp(dt_raw)), dt_raw)
-            else:
-                dt = dt_raw
-            dt = tl.where(m_td, dt, 0.0)
-            Ct = tl.load(C_ptr + C_row[None, :] + tm[:, None] * sC_l, mask=m_tn, other=0.0).to(CT)
-            dy = tl.load(dout_ptr + g_row[None, :] + tm[:, None] * sg_l, mask=m_td, other=0.0).to(CT)
+            dt_in, Ct, dy, zt, u, Bt, x_in = dt_n, C_n, dy_n, z_n, u_n, B_n, x_n
+            tm, m_td, m_tn = _tile_steps(t0 + j * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
+            jn = tl.maximum(j - 1, 0)
+            tn, n_td, n_tn = _tile_steps(t0 + jn * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
+            dt_n = tl.load(delta_ptr + dt_row[None, :] + tn[:, None] * sdt_l, mask=n_td, other=0.0).to(CT)
+            C_n = tl.load(C_ptr + C_row[None, :] + tn[:, None] * sC_l, mask=n_tn, other=0.0).to(CT)
+            dy_n = tl.load(dout_ptr + g_row[None, :] + tn[:, None] * sg_l, mask=n_td, other=0.0).to(CT)
+            if HAS_Z:
+                z_n = tl.load(z_ptr + z_row[None, :] + tn[:, None] * sz_l, mask=n_td, other=0.0).to(CT)
+            if not LOCAL:
+                u_n = tl.load(u_ptr + u_row[None, :] + tn[:, None] * su_l, mask=n_td, other=0.0).to(CT)
+                B_n = tl.load(B_ptr + B_row[None, :] + tn[:, None] * sB_l, mask=n_tn, other=0.0).to(CT)
+                x_n = tl.load(scratch + jn * (BLOCK_N * BLOCK_D))
+            dt_raw, dt = _dt_of(dt_in, m_td, bias, HAS_BIAS, SOFTPLUS)
             a = tl.exp(dt[:, None, :] * A[None, :, :])  # (SUB, BN, BD)
             if LOCAL:
                 if HAS_Z:
-                    zt = tl.load(z_ptr + z_row[None, :] + tm[:, None] * sz_l, mask=m_td, other=0.0).to(CT)
                     dy = dy * zt / (1.0 + tl.exp(-zt))
                 cy = dy[:, None, :] * Ct[:, :, None]
                 _, q, sg = tl.associative_scan((a, tl.zeros_like(a) + 1.0, cy), axis=0,
@@ -324,9 +368,6 @@ def _bwd_kernel(
                 g = sg + q * h[None, :, :]
                 h = tl.sum(tl.where((offs_s == 0)[:, None, None], a * g, -0.0), axis=0)
             else:
-                x_in = tl.load(scratch + j * (BLOCK_N * BLOCK_D))
-                u = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)
-                Bt = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)
                 dtu = dt * u
                 bx = dtu[:, None, :] * Bt[:, :, None]
                 p, s2, _ = tl.associative_scan((a, tl.zeros_like(a), bx), axis=0,
@@ -337,7 +378,6 @@ def _bwd_kernel(
                     y = tl.sum(xs * Ct[:, :, None], axis=1)
                     if HAS_D:
                         y = y + Dv[None, :] * u
-                    zt = tl.load(z_ptr + z_row[None, :] + tm[:, None] * sz_l, mask=m_td, other=0.0).to(CT)
                     sig_z = 1.0 / (1.0 + tl.exp(-zt))
                     dz = dy * y * sig_z * (1.0 + zt * (1.0 - sig_z))
                     tl.store(dz_ptr + o_row[None, :] + tm[:, None] * so_l, dz.to(dz_ptr.dtype.element_ty), mask=m_td)
@@ -389,8 +429,8 @@ class TritonConfig:
     programs on every multiprocessor, 1 when batch x channel blocks already give that many)."""
 
     block_d: int = 32
-    block_d_bwd: int = 8
-    sub_chunk: int = 4
+    block_d_bwd: int = 16
+    sub_chunk: int = 2
     chunk: int = 64
     num_warps: int | None = None
     splits: int | None = None
