@@ -196,6 +196,29 @@ def test_torch_backend_ignores_autocast(device):
     assert_matches(cast, {k: v.double() for k, v in plain.items()}, 1e-6, "torch under autocast")
 
 
+def test_torch_backend_gpu_contractions_on_cpu(monkeypatch):
+    """The product-and-sum contractions that GPUs use (no TF32), run here on CPU against the reference."""
+    from mmpretrain.ops.selective_scan import chunked
+
+    monkeypatch.setattr(chunked, "_MATMUL_DEVICES", ())
+    t, flags = make_inputs(2, 6, 23, 4, 2, "full", torch.float64, "cpu", seed=12)
+    got = run_with_grads(lambda **kw: selective_scan_chunked(**kw, chunk_size=5), t, flags)
+    assert_matches(got, reference_of(t, flags), 1e-10, "torch, GPU contractions")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="TF32 is a CUDA matmul setting")
+def test_torch_backend_stays_float32_under_tf32():
+    """The CLI sets float32 matmul precision "high" (TF32 on GPUs); the backend's products must not use it."""
+    t, flags = make_inputs(2, 64, 65, 16, 0, "full", torch.float32, "cuda", seed=8)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        got = run_with_grads(lambda **kw: selective_scan(**kw, backend="torch"), t, flags)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert_matches(got, reference_of(t, flags), RTOL[torch.float32], "torch under TF32", ATOL[torch.float32])
+
+
 def test_torch_backend_saves_a_fraction_of_the_full_state():
     """What autograd keeps for the backward: inputs and one state per chunk, far below (batch, dim, L, N)."""
     batch, dim, L, N, T = 2, 32, 512, 16, 8

@@ -34,6 +34,8 @@ import torch
 from .reference import compute_dtype, finish_output, prepare_delta
 
 _SOFTPLUS_THRESHOLD = 20.0  # F.softplus's: above it, softplus(x) = x
+# device types where the contractions over N or channels are matrix products (elsewhere: product and sum)
+_MATMUL_DEVICES = ("cpu",)
 
 # elements of one (T, batch, dim, N) chunk buffer that the automatic chunk size aims for, by device type:
 # CPUs want the chunk's buffers in cache (measured on one core at Vim shapes: 4M elements per buffer was
@@ -67,6 +69,25 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     out = torch.log(one_plus).mul_(y).div_(one_plus - 1)
     out = torch.where(one_plus == 1, y, out)  # y below half an ulp of 1: log1p(y) = y
     return torch.where(x > _SOFTPLUS_THRESHOLD, x, out)
+
+
+def _sum_over_states(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_n x[..., n, d] v[..., n]: (..., N, dg), (..., N) -> (..., dg).
+
+    On CPU a batched matrix product (einsum); elsewhere a product and a sum, which stay in float32 where a
+    matrix product would follow ``torch.backends.cuda.matmul.allow_tf32`` (TF32 under the CLI's "high"
+    matmul precision: 1e-3 relative error, and no faster for these matrix-vector products).
+    """
+    if x.device.type in _MATMUL_DEVICES:
+        return torch.einsum("...nd,...n->...d", x, v)
+    return (x * v[..., None]).sum(-2)
+
+
+def _sum_over_channels(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_d x[..., n, d] v[..., d]: (..., N, dg), (..., dg) -> (..., N) (see :func:`_sum_over_states`)."""
+    if x.device.type in _MATMUL_DEVICES:
+        return torch.einsum("...nd,...d->...n", x, v)
+    return (x * v[..., None, :]).sum(-1)
 
 
 def _chunk_states(x0, dt, u, B, A, a, x):
@@ -117,7 +138,7 @@ class _ChunkedScan(torch.autograd.Function):
             e = min(s + chunk, L)
             a, x = a_buf[: e - s], x_buf[: e - s]
             _chunk_states(states[i], dtT[s:e], uT[s:e], BT[s:e], At, a, x)
-            yT[s:e] = torch.einsum("tbgnd,tbgn->tbgd", x, CT[s:e])  # y_t = C_t . x_t
+            yT[s:e] = _sum_over_states(x, CT[s:e])  # y_t = C_t . x_t
             states[i + 1] = x[-1]
         del a_buf, x_buf
         ctx.save_for_backward(uT, dtT, rawT, At, BT, CT, states)
@@ -149,7 +170,7 @@ class _ChunkedScan(torch.autograd.Function):
             u_k, dt_k, B_k, C_k, dy_k = uT[s:e], dtT[s:e], BT[s:e], CT[s:e], dyT[s:e]
             a, x, g = a_buf[: e - s], x_buf[: e - s], g_buf[: e - s]
             _chunk_states(states[i], dt_k, u_k, B_k, At, a, x)
-            dCT[s:e] = torch.einsum("tbgnd,tbgd->tbgn", x, dy_k)  # dC_t[n] = sum_d dy_t[d] x_t[n, d]
+            dCT[s:e] = _sum_over_channels(x, dy_k)  # dC_t[n] = sum_d dy_t[d] x_t[n, d]
             # g_t = dLoss/dx_t = C_t dy_t + a_{t+1} g_{t+1}
             torch.mul(dy_k[..., None, :], C_k[..., None], out=g)
             g[-1].add_(carry)
@@ -157,8 +178,8 @@ class _ChunkedScan(torch.autograd.Function):
                 g[t].addcmul_(a[t + 1], g[t + 1])
             carry = a[0] * g[0]
             # x_t's input term dt_t u_t B_t: d(dt u)_t = sum_n g_t B_t, dB_t[n] = sum_d g_t[n, d] dt_t[d] u_t[d]
-            d_dtu = torch.einsum("tbgnd,tbgn->tbgd", g, B_k)
-            dBT[s:e] = torch.einsum("tbgnd,tbgd->tbgn", g, dt_k * u_k)
+            d_dtu = _sum_over_states(g, B_k)
+            dBT[s:e] = _sum_over_channels(g, dt_k * u_k)
             # the decay a_t = exp(dt_t A): d(dt_t A) = g_t x_{t-1} a_t (x_{-1}: the chunk's starting state)
             g[1:].mul_(x[:-1])
             g[0].mul_(states[i])
