@@ -97,3 +97,23 @@ def test_under_a_real_torchrun(tmp_path):
     assert bad.returncode != 0
     assert ("torchrun started 2 processes (--nnodes 1 x --nproc-per-node 2), but the trainer expects "
             "trainer.num_nodes 1 x trainer.devices 1 = 1") in bad.stderr
+
+
+CLI_CHECKS_LAUNCH = "check_trainer_matches_launch" in (ROOT / "mmpretrain/cli.py").read_text()
+
+
+@pytest.mark.skipif(not CLI_CHECKS_LAUNCH, reason="mmpretrain/cli.py does not call check_trainer_matches_launch yet")
+def test_mmpretrain_fit_refuses_devices_1_under_a_2_process_torchrun(tmp_path):
+    from tests.conftest import write_image_shards
+
+    train = write_image_shards(tmp_path / "d", [8], size=16)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mmpretrain", "fit", "--config", str(ROOT / "recipes/classification/demo.yaml"),
+           "--data.train_shards", train[0], "--data.val_shards", "null", "--data.image_size", "16",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "1",
+           "--trainer.default_root_dir", str(tmp_path / "runs")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode != 0
+    assert "trainer.num_nodes 1 x trainer.devices 1 = 1" in out.stderr
+    assert not list((tmp_path / "runs").glob("**/*.ckpt"))  # nothing trained, nothing written
