@@ -6,9 +6,17 @@
   ``every_n_train_steps`` steps, at the end of training, and at the first step boundary after SIGUSR1 or
   SIGTERM, then stops; with ``monitor: step`` (the CLI's default) ``save_top_k: K`` keeps the last ``K``.
 - :func:`find_last_checkpoint` is what ``--ckpt_path last`` means: the newest ``last*.ckpt`` (or SLURM
-  ``hpc_ckpt_*.ckpt``) under the run directory, across logger versions.
-- :func:`read_checkpoint` loads with ``weights_only=True``; :func:`check_state_dict_fits` names the
-  missing, unexpected and reshaped keys of a checkpoint from another model.
+  ``hpc_ckpt_*.ckpt``) under the run directory, across logger versions; a DeepSpeed ZeRO checkpoint, which
+  is a *directory* ``last.ckpt/`` (one shard of weights and optimizer state per rank, written by DeepSpeed's
+  engine, not by a checkpoint IO), counts as one.
+- :func:`read_checkpoint` loads with ``weights_only=True``; given a ZeRO directory it first consolidates the
+  shards into one full fp32 state dict (:func:`read_zero_checkpoint`, needs ``deepspeed``);
+  :func:`check_state_dict_fits` names the missing, unexpected and reshaped keys of a checkpoint from another
+  model.
+
+Under DeepSpeed, ``save_last: true`` becomes ``"link"``: ``last.ckpt`` is a symbolic link to the newest step
+directory rather than a second full copy of every shard (DeepSpeed writes into the directory in place, so a
+separate step directory also keeps the previous complete checkpoint should a write be cut short).
 
 See docs/reliability.md.
 """
@@ -16,6 +24,8 @@ See docs/reliability.md.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import io
 import logging
 import os
 import signal
@@ -31,6 +41,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -42,9 +53,50 @@ class CheckpointError(ValueError):
 
 
 # -- reading -----------------------------------------------------------------------------------------------
-def read_checkpoint(path: str | Path, what: str = "--checkpoint") -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True`` (no pickled code runs); ``what`` names the field."""
+def is_zero_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a DeepSpeed checkpoint directory (Lightning's ``x.ckpt/`` under DeepSpeed): it holds a
+    ``latest`` file naming its tag, or a tag directory with ``*model_states.pt`` shards."""
     path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / "latest").is_file():
+        return True
+    return any(path.glob("*/*model_states.pt"))
+
+
+def read_zero_checkpoint(path: str | Path, what: str = "--checkpoint") -> dict[str, Any]:
+    """Consolidate a DeepSpeed ZeRO checkpoint directory (stage 1, 2 or 3, any number of ranks) into one
+    Lightning-style checkpoint dict with the full fp32 ``state_dict`` (Lightning's
+    ``convert_zero_checkpoint_to_fp32_state_dict``, written to a temporary file and removed).
+
+    DeepSpeed's shards are pickles (``weights_only=False``): consolidate only directories you trust. Needs the
+    ``deepspeed`` package (``pip install 'mmpretrain[deepspeed]'``), not a GPU."""
+    path = Path(path)
+    if not is_zero_checkpoint(path):
+        raise CheckpointError(f"{what} {path}: a directory, but not a DeepSpeed checkpoint (no 'latest' file and no "
+                              f"*model_states.pt shards inside); pass a .ckpt file or a ZeRO checkpoint directory")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise CheckpointError(f"{what} {path}: a DeepSpeed ZeRO checkpoint directory; consolidating its shards needs "
+                              f"DeepSpeed: pip install 'mmpretrain[deepspeed]' (no GPU needed)")
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory(prefix="mmpretrain-zero-") as tmp:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints the temporary path
+                checkpoint = convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "consolidated.ckpt")
+        except Exception as err:  # DeepSpeed raises anything from a missing shard to an unreadable pickle
+            raise CheckpointError(f"{what} {path}: the DeepSpeed checkpoint cannot be consolidated "
+                                  f"({type(err).__name__}: {err}); is a rank's shard missing or cut short?") from None
+    log.info("%s %s: ZeRO shards consolidated into %d fp32 tensors", what, path, len(checkpoint["state_dict"]))
+    return checkpoint
+
+
+def read_checkpoint(path: str | Path, what: str = "--checkpoint") -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True`` (no pickled code runs); ``what`` names the field.
+    A DeepSpeed ZeRO checkpoint directory is consolidated first (:func:`read_zero_checkpoint`)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_zero_checkpoint(path, what)
     if not path.is_file():
         raise CheckpointError(f"{what} {path}: no such file")
     try:
@@ -142,26 +194,42 @@ def write_atomically(target: Path, write: Any) -> None:
 
 def install_atomic_checkpoint_io(trainer: Trainer) -> None:
     """Make the trainer write checkpoints with :class:`AtomicCheckpointIO` where it uses plain ``torch.save``
-    (strategies with their own IO, such as DeepSpeed's or a user's plugin, are left alone)."""
+    (strategies with their own IO are left alone: DeepSpeed saves through its engine, a user's plugin its way)."""
     strategy = trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy):
+        return
     if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 # -- finding -----------------------------------------------------------------------------------------------
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_file() or is_zero_checkpoint(path)
+
+
+def checkpoint_mtime(path: Path) -> int:
+    """When a checkpoint was last written (ns): a file's mtime; for a ZeRO directory (or a link to one), the
+    newest of the files inside it (DeepSpeed rewrites the files of a directory in place)."""
+    if path.is_file():
+        return path.stat().st_mtime_ns
+    times = [p.stat().st_mtime_ns for p in path.resolve().rglob("*") if p.is_file()]
+    return max(times, default=path.stat().st_mtime_ns)
+
+
 def find_last_checkpoint(*roots: str | Path | None) -> Path | None:
     """The most recently written ``last*.ckpt`` under ``roots`` (searched recursively: every logger version
-    of a run) or SLURM ``hpc_ckpt_*.ckpt`` directly in them; None when there is none."""
+    of a run) or SLURM ``hpc_ckpt_*.ckpt`` directly in them; a ``last.ckpt`` may be a DeepSpeed checkpoint
+    directory (or a link to one). None when there is none."""
     found: list[Path] = []
     for root in roots:
         if root is None or not Path(root).is_dir():
             continue
         root = Path(root)
-        found.extend(p for p in root.rglob("last*.ckpt") if p.is_file())
-        found.extend(p for p in root.glob("hpc_ckpt_*.ckpt") if p.is_file())
+        found.extend(p for p in root.rglob("last*.ckpt") if _is_checkpoint(p))
+        found.extend(p for p in root.glob("hpc_ckpt_*.ckpt") if _is_checkpoint(p))
     if not found:
         return None
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+    return max(found, key=lambda p: (checkpoint_mtime(p), str(p)))
 
 
 # -- saving on schedule and on signals ----------------------------------------------------------------------
@@ -212,6 +280,9 @@ class StepCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and self.save_last is True and self.save_top_k != 0:
+            # a link to the newest step directory instead of a second full write of every shard
+            self.save_last = "link"
         # registered before Lightning registers its own (after the setup hooks): Lightning then leaves the
         # requeue signal to us, and we call its requeue handler at a step boundary
         if stage == "fit" and threading.current_thread() is threading.main_thread():

@@ -13,19 +13,27 @@ throughput (samples/s, and MFU where the task counts its FLOPs) monitors; a chec
 (``last.ckpt`` always the newest; ``--checkpoint.save_top_k K`` keeps the last ``K`` step checkpoints),
 each written atomically. ``--ckpt_path last`` resumes from the newest ``last.ckpt`` under the run
 directory, exactly where it stopped (docs/reliability.md).
+
+Strategies (docs/scaling.md): ``--trainer.strategy ddp``, ``deepspeed_stage_1``, ``deepspeed_stage_2``,
+``deepspeed_stage_2_offload``, ``deepspeed_stage_3``, ``deepspeed_stage_3_offload``, or a DeepSpeed JSON file
+through ``class_path: lightning.pytorch.strategies.DeepSpeedStrategy`` with ``init_args: {config: PATH}``
+(recipes/deepspeed/). The name, the package and the config file are checked before anything is built.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from mmpretrain.checkpoints import StepCheckpoint, find_last_checkpoint, install_atomic_checkpoint_io
@@ -86,8 +94,9 @@ class MMPretrainCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def before_instantiate_classes(self) -> None:
-        # the default loggers write under trainer.default_root_dir, wherever the user moved it
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_strategy_setting(config.trainer.strategy)
+        # the default loggers write under trainer.default_root_dir, wherever the user moved it
         root = config.trainer.default_root_dir
         loggers = config.trainer.logger
         if root and isinstance(loggers, list):
@@ -139,6 +148,43 @@ class MMPretrainCLI(LightningCLI):
 
 
 DEFAULT_ROOT = "runs"
+
+DEEPSPEED_INSTALL = "pip install 'mmpretrain[deepspeed]'"
+
+
+def check_strategy_setting(strategy: Any) -> None:
+    """Fail before anything is built when ``trainer.strategy`` names no strategy, names DeepSpeed without the
+    package installed, or gives a DeepSpeed config file that does not exist. ``strategy``: the config's value
+    (a name, a ``class_path``/``init_args`` namespace or dict, or an instance)."""
+    if strategy is None:
+        return
+    if isinstance(strategy, str):
+        names = StrategyRegistry.available_strategies()
+        if strategy != "auto" and strategy not in names:
+            common = ["auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
+                      "deepspeed_stage_3", "deepspeed_stage_3_offload"]
+            raise ValueError(f"trainer.strategy {strategy!r} is not a strategy name; use one of {', '.join(common)} "
+                             f"(all: {', '.join(names)}), or class_path: lightning.pytorch.strategies.DeepSpeedStrategy "
+                             f"with init_args.config pointing to a DeepSpeed JSON file (recipes/deepspeed/)")
+        deepspeed, shown, config = strategy.startswith("deepspeed"), strategy, None
+    else:
+        get = strategy.get if isinstance(strategy, dict) or hasattr(strategy, "get") else None
+        class_path = get("class_path") if get is not None else None
+        if class_path is None:  # an instance
+            class_path = f"{type(strategy).__module__}.{type(strategy).__qualname__}"
+            init_args = {"config": getattr(strategy, "config", None)} if "DeepSpeed" in class_path else {}
+        else:
+            init_args = get("init_args") or {}
+        deepspeed, shown = "deepspeed" in str(class_path).lower(), str(class_path)
+        config = init_args.get("config") if hasattr(init_args, "get") else None
+    if not deepspeed:
+        return
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"trainer.strategy {shown} needs DeepSpeed, which is not installed: {DEEPSPEED_INSTALL} "
+                         f"(on a CUDA machine), or use trainer.strategy ddp")
+    if isinstance(config, (str, os.PathLike)) and not Path(config).is_file():
+        raise ValueError(f"trainer.strategy.init_args.config {config}: no such DeepSpeed config file (see "
+                         f"recipes/deepspeed/ for examples)")
 
 
 def default_trainer_settings() -> dict[str, Any]:

@@ -2,6 +2,10 @@
 
     mmpretrain export --checkpoint runs/tb/version_0/checkpoints/last.ckpt --output exported/
     mmpretrain export --checkpoint last.ckpt --output exported/ --ema    # the EMA weights, where kept
+    mmpretrain export --checkpoint runs/tb/version_0/checkpoints/last.ckpt/ --output exported/   # DeepSpeed ZeRO
+
+A DeepSpeed ZeRO checkpoint is a directory of per-rank shards: it is consolidated into full fp32 weights first
+(needs ``pip install 'mmpretrain[deepspeed]'``, no GPU), then exported the same way.
 
 Native transformers classes where the architecture matches (ViT classifiers -> ViTForImageClassification),
 weights as safetensors only, with an image processor config, so ``transformers.pipeline`` takes the directory.
@@ -86,6 +90,7 @@ def export_task(task: Task, output: str | Path, data_hparams: dict[str, Any] | N
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, ema: bool = False) -> Path:
+    """Export a training checkpoint (a file, or a DeepSpeed ZeRO directory, consolidated first) to ``output``."""
     ckpt = read_checkpoint(checkpoint)
     task = load_task(ckpt, source=f"--checkpoint {checkpoint}")
     return export_task(task, output, ckpt.get("datamodule_hyper_parameters"), ema=ema)
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mmpretrain export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by mmpretrain fit (.ckpt)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint written by mmpretrain fit (a .ckpt file, or a DeepSpeed ZeRO .ckpt directory)")
     parser.add_argument("--output", required=True, help="directory to write (created if missing)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     args = parser.parse_args(argv)

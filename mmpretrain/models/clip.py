@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from mmpretrain.models.text import TextTransformer
+from mmpretrain.models.text import CheckpointFn, TextTransformer
 
 __all__ = ["CLIP", "VisionTower", "clip_demo", "clip_vit_b16", "clip_vit_b32", "create_clip", "list_clip_models"]
 
@@ -159,10 +159,11 @@ class CLIP(nn.Module):
         size = getattr(patch_embed, "img_size", None)
         return tuple(size) if size is not None else None
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Per-block activation checkpointing in both towers."""
+    def set_grad_checkpointing(self, enable: bool = True, checkpoint_fn: CheckpointFn | None = None) -> None:
+        """Per-block activation checkpointing in both towers; ``checkpoint_fn`` (see
+        :data:`~mmpretrain.models.text.CheckpointFn`) applies to our text tower, the timm image tower uses timm's."""
         self.visual.set_grad_checkpointing(enable)
-        self.text.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable, checkpoint_fn=checkpoint_fn)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max: float = math.log(100)) -> None:  # noqa: A002 (the usual name)

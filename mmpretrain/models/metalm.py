@@ -94,6 +94,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmpretrain.models.clip import CLIP_VIT_DEFAULTS
+from mmpretrain.models.text import CheckpointFn
 
 __all__ = [
     "KVCache",
@@ -273,10 +274,17 @@ class Block(nn.Module):
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-               key_mask: torch.Tensor | None, grad_checkpointing: bool, cache: KVCache | None = None) -> torch.Tensor:
+               key_mask: torch.Tensor | None, grad_checkpointing: bool, cache: KVCache | None = None,
+               checkpoint_fn: CheckpointFn | None = None) -> torch.Tensor:
+    """Run ``blocks`` in order; with ``grad_checkpointing`` (in training, without a cache) each block is recomputed
+    in the backward pass, through ``checkpoint_fn(block, *args)`` when given (e.g. DeepSpeed's), else
+    non-reentrant ``torch.utils.checkpoint``."""
     for i, block in enumerate(blocks):
         if grad_checkpointing and torch.is_grad_enabled() and cache is None:
-            x = checkpoint(block, x, cos, sin, key_mask, use_reentrant=False)
+            if checkpoint_fn is not None:
+                x = checkpoint_fn(block, x, cos, sin, key_mask)
+            else:
+                x = checkpoint(block, x, cos, sin, key_mask, use_reentrant=False)
         else:
             x = block(x, cos, sin, key_mask, cache, i)
     return x
@@ -318,6 +326,7 @@ class SpanEncoder(nn.Module):
         self.heads = heads
         self.rope_theta = rope_theta
         self.grad_checkpointing = False
+        self.checkpoint_fn: CheckpointFn | None = None
         self.embed = nn.Embedding(vocab_size, dim)
         hidden = int(dim * mlp_ratio)
         self.blocks = nn.ModuleList(Block(dim, heads, hidden, mlp, False, bias, norm_eps) for _ in range(layers))
@@ -338,7 +347,8 @@ class SpanEncoder(nn.Module):
         cos, sin = rotary_cos_sin(torch.arange(length, device=span_ids.device), self.dim // self.heads,
                                   self.rope_theta)
         x = self.embed(span_ids)
-        x = run_blocks(self.blocks, x, cos, sin, valid[:, None, None, :], self.grad_checkpointing)
+        x = run_blocks(self.blocks, x, cos, sin, valid[:, None, None, :], self.grad_checkpointing,
+                       checkpoint_fn=self.checkpoint_fn)
         return self.ln_f(x)
 
 
@@ -478,6 +488,7 @@ class MetaLM(nn.Module):
         self.rope_theta = rope_theta
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.grad_checkpointing = False
+        self.checkpoint_fn: CheckpointFn | None = None
 
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Embedding(max_seq_len, dim) if positions == "learned" else None
@@ -548,11 +559,17 @@ class MetaLM(nn.Module):
             "total": count(self),
         }
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (decoder, span encoder, image encoder)."""
+    def set_grad_checkpointing(self, enable: bool = True, checkpoint_fn: CheckpointFn | None = None) -> None:
+        """Recompute each block's activations in the backward pass (decoder, span encoder, image encoder).
+
+        ``checkpoint_fn(block, *inputs)`` replaces non-reentrant ``torch.utils.checkpoint`` for the decoder and
+        span-encoder blocks (the training task passes DeepSpeed's under DeepSpeed); the timm image encoder uses
+        its own checkpointing."""
         self.grad_checkpointing = enable
+        self.checkpoint_fn = checkpoint_fn
         if self.encoder is not None:
             self.encoder.grad_checkpointing = enable
+            self.encoder.checkpoint_fn = checkpoint_fn
         if self.image_encoder is not None:
             self.image_encoder.set_grad_checkpointing(enable)
 
@@ -618,7 +635,7 @@ class MetaLM(nn.Module):
             x = x + self.pos_embed(positions)
         else:
             cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta)
-        x = run_blocks(self.blocks, x, cos, sin, None, self.grad_checkpointing, cache)
+        x = run_blocks(self.blocks, x, cos, sin, None, self.grad_checkpointing, cache, self.checkpoint_fn)
         if cache is not None:
             cache.pos += n
         return self.ln_f(x[:, prefix:])

@@ -8,10 +8,17 @@ MLP), a final LayerNorm, a bias-free projection to the joint embedding space. At
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+#: a recomputation function: ``fn(block, *inputs)`` returns ``block(*inputs)`` and recomputes it in the backward
+#: pass (DeepSpeed's ``deepspeed.checkpointing.checkpoint`` fits); the models fall back to non-reentrant
+#: ``torch.utils.checkpoint`` when none is given. Models never import the library that provides one.
+CheckpointFn = Callable[..., torch.Tensor]
 
 
 class CausalSelfAttention(nn.Module):
@@ -111,6 +118,7 @@ class TextTransformer(nn.Module):
         self.output_dim = output_dim
         self.eot_id = eot_id
         self.grad_checkpointing = False
+        self.checkpoint_fn: CheckpointFn | None = None
 
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
@@ -138,9 +146,11 @@ class TextTransformer(nn.Module):
         nn.init.zeros_(self.ln_final.bias)
         nn.init.normal_(self.proj.weight, std=self.width**-0.5)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (non-reentrant torch.utils.checkpoint)."""
+    def set_grad_checkpointing(self, enable: bool = True, checkpoint_fn: CheckpointFn | None = None) -> None:
+        """Recompute each block's activations in the backward pass: through ``checkpoint_fn(block, x)`` when given
+        (see :data:`CheckpointFn`), else non-reentrant ``torch.utils.checkpoint``."""
         self.grad_checkpointing = enable
+        self.checkpoint_fn = checkpoint_fn
 
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids ``(batch, length)`` -> final-normed hidden states ``(batch, length, width)``."""
@@ -155,7 +165,8 @@ class TextTransformer(nn.Module):
         x = self.token_embedding(tokens) + self.positional_embedding[:length]
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = self.checkpoint_fn(block, x) if self.checkpoint_fn is not None else checkpoint(
+                    block, x, use_reentrant=False)
             else:
                 x = block(x)
         return self.ln_final(x)

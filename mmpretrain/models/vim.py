@@ -197,6 +197,7 @@ class Vim(nn.Module):
         self.mixer_type = mixer
         self.residual_in_fp32 = residual_in_fp32
         self.grad_checkpointing = False
+        self.checkpoint_fn: Any = None  # recompute hook: fn(block, x) (mmpretrain.models.text.CheckpointFn)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -247,9 +248,11 @@ class Vim(nn.Module):
                 "blocks": [(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))]}
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (torch.utils.checkpoint, non-reentrant)."""
+    def set_grad_checkpointing(self, enable: bool = True, checkpoint_fn: Any = None) -> None:
+        """Recompute each block's activations in the backward pass: through ``checkpoint_fn(block, x)`` when given
+        (DeepSpeed's, passed by the training task), else non-reentrant torch.utils.checkpoint."""
         self.grad_checkpointing = enable
+        self.checkpoint_fn = checkpoint_fn
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -278,7 +281,8 @@ class Vim(nn.Module):
             x = x.to(torch.promote_types(x.dtype, torch.float32))
         for layer in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = self.checkpoint_fn(layer, x) if self.checkpoint_fn is not None else checkpoint(
+                    layer, x, use_reentrant=False)
             else:
                 x = layer(x)
         return self.norm_f(x)

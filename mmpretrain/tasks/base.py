@@ -1,16 +1,26 @@
-"""What every task shares: late model construction, injected optimizers and schedules, FLOP counting, and the
-reliability of training (non-finite steps skipped and counted, generator states and checks in checkpoints,
-the data checked against the model before training starts)."""
+"""What every task shares: late model construction, injected optimizers and schedules, FLOP counting, one
+activation-recomputation switch, the strategy checks (DDP, DeepSpeed ZeRO 1/2/3), and the reliability of training
+(non-finite steps skipped and counted, generator states and checks in checkpoints, the data checked against the
+model before training starts).
+
+Under DeepSpeed ZeRO stage 3 Lightning calls ``configure_model`` inside ``deepspeed.zero.Init``, so the parameters
+are created sharded. Whatever a task builds *besides* its model (the meta-device copy that checks the data
+against the model's shape, the one FLOP counting runs) is built in ``setup`` and ``on_train_batch_start``, outside
+that context, from :meth:`Task.build_model`: it never sees the sharded parameters.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
@@ -53,14 +63,27 @@ class Task(pl.LightningModule):
             after this many *consecutive* skips the next non-finite step raises :class:`NonFiniteError`
             naming the step and the keys. 0 raises at the first; None never raises. Under fp16 with a
             gradient scaler, non-finite gradients are the scaler's business (it lowers the scale), only a
-            non-finite loss counts.
+            non-finite loss counts. Under DeepSpeed the gradients live in the ZeRO optimizer's partitions
+            (``p.grad`` is empty), and DeepSpeed itself skips a step whose gradients are not finite (ZeRO
+            1/2: ``bf16.check_grad_overflow``, on by default, and fp16's loss scaler; ZeRO 3: always); the task
+            then leaves the step to DeepSpeed and counts the steps the engine skipped (``engine.skipped_steps``)
+            against this limit, the same way. A non-finite loss whose step DeepSpeed applied anyway (its overflow
+            check switched off) raises :class:`NonFiniteError` at once.
+        grad_checkpointing: activation recomputation, the one switch for every model: each block's activations
+            are recomputed in the backward pass instead of kept (less memory, about one more forward pass of
+            compute). Our own blocks (METALM decoder and span encoder, Vim blocks, the CLIP text tower) use
+            non-reentrant ``torch.utils.checkpoint``, or DeepSpeed's ``deepspeed.checkpointing.checkpoint``
+            under the DeepSpeed strategy (so that its ``activation_checkpointing`` settings, such as
+            ``cpu_checkpointing``, apply); timm's blocks (ViT classifiers, the CLIP image tower) use timm's
+            per-block checkpointing (non-reentrant). Numerically the same training either way.
 
     Subclasses overriding ``on_train_batch_start``, ``on_before_backward``, ``on_before_optimizer_step``,
     ``on_save_checkpoint``, ``on_load_checkpoint`` or ``on_fit_start`` call ``super()``.
     """
 
     def __init__(self, optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 lr_reference_batch: int | None = None, max_skipped_steps: int | None = 10) -> None:
+                 lr_reference_batch: int | None = None, max_skipped_steps: int | None = 10,
+                 grad_checkpointing: bool = False) -> None:
         super().__init__()
         if lr_reference_batch is not None and lr_reference_batch < 1:
             raise ValueError(f"model.lr_reference_batch must be positive, got {lr_reference_batch}")
@@ -70,6 +93,7 @@ class Task(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.lr_reference_batch = lr_reference_batch
         self.max_skipped_steps = max_skipped_steps
+        self.grad_checkpointing = grad_checkpointing
         self.model: nn.Module | None = None
         #: model FLOPs of one training step (forward and backward) on this rank; read by ThroughputMonitor
         self.flops_per_batch: int | None = None
@@ -81,6 +105,9 @@ class Task(pl.LightningModule):
         self._step_keys: list[str] = []  # sample keys of the batches since the last optimizer step
         self._rng_to_restore: dict[str, Any] | None = None
         self._data_checked = False
+        self._prepared = False
+        self._deepspeed_skips_before: int | None = None  # the engine's skip count before its step
+        self._deepspeed_step_losses: tuple[bool, list[str]] | None = None
 
     # -- to implement -------------------------------------------------------------------------------------
     def _datamodule(self) -> Any:
@@ -95,10 +122,85 @@ class Task(pl.LightningModule):
         """Run ``model`` on ``batch``; return a dict with at least ``loss``."""
         raise NotImplementedError
 
+    def prepare_build(self) -> None:
+        """Take what the model needs from the data (vocabulary size, special ids) and check that they fit; may
+        build a copy of the model on the meta device. Runs once, in ``setup`` under a trainer (outside
+        DeepSpeed's ``zero.Init``), else at the start of ``configure_model``."""
+
+    def _prepare_once(self) -> None:
+        if not self._prepared:
+            self._prepared = True
+            self.prepare_build()
+
     # -- model ----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is None:
+            self._prepare_once()
             self.model = self.build_model()
+            self.register_zero3_parameters()
+            if self.grad_checkpointing:
+                self.apply_recomputation(self.model)
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """``(module, parameter)`` pairs where ``module``'s forward uses a parameter another module owns (a tied
+        output projection): ZeRO stage 3 must gather it for that forward too. Registered with DeepSpeed by
+        :meth:`register_zero3_parameters`; none by default."""
+        return []
+
+    def register_zero3_parameters(self) -> None:
+        """Under ZeRO stage 3, tell DeepSpeed about :meth:`external_parameters` (its
+        ``zero.register_external_parameter``); nothing otherwise. Call right after building the model."""
+        strategy = deepspeed_strategy(self._trainer)
+        if strategy is None or not strategy.zero_stage_3:
+            return
+        import deepspeed
+
+        for module, parameter in self.external_parameters():
+            deepspeed.zero.register_external_parameter(module, parameter)
+
+    def apply_recomputation(self, model: nn.Module) -> None:
+        """Switch ``model`` to activation recomputation (``model.grad_checkpointing``): its
+        ``set_grad_checkpointing(True)``, with DeepSpeed's checkpoint function for the models that take one
+        when the strategy is DeepSpeed."""
+        setter = getattr(model, "set_grad_checkpointing", None)
+        if setter is None:
+            raise ValueError(f"model.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing; "
+                             "set model.grad_checkpointing false for this model")
+        fn = self.recompute_function()
+        if fn is not None and "checkpoint_fn" in inspect.signature(setter).parameters:
+            setter(True, checkpoint_fn=fn)
+        else:
+            setter(True)
+
+    def recompute_function(self) -> Callable[..., torch.Tensor] | None:
+        """The block recomputation function for our models: DeepSpeed's under the DeepSpeed strategy (reentrant;
+        it honours the strategy's ``activation_checkpointing`` section: ``cpu_checkpointing``,
+        ``partition_activations``), None (non-reentrant ``torch.utils.checkpoint``) otherwise."""
+        if deepspeed_strategy(self._trainer) is None:
+            return None
+        import deepspeed
+
+        return deepspeed.checkpointing.checkpoint
+
+    # -- strategy ---------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.check_strategy()
+        self._prepare_once()
+
+    def check_strategy(self) -> None:
+        """Refuse what the trainer's strategy cannot do with this task, before anything is built; subclasses
+        extend it (call ``super()``)."""
+        strategy = deepspeed_strategy(self._trainer)
+        if strategy is None:
+            return
+        if not self.automatic_optimization:
+            raise ValueError(f"trainer.strategy {deepspeed_strategy_name(strategy)}: {type(self).__name__} is "
+                             f"configured for manual optimization, which mmpretrain does not run under DeepSpeed; "
+                             f"use trainer.strategy ddp for it")
+        if getattr(self, "compile_model", False) and strategy.zero_stage_3:
+            raise ValueError(f"model.compile is not supported under trainer.strategy "
+                             f"{deepspeed_strategy_name(strategy)} (ZeRO stage 3 gathers each parameter in hooks "
+                             f"that break compiled graphs): set model.compile false, or use deepspeed_stage_2")
 
     def parameter_groups(self) -> list[dict]:
         return param_groups(self.model)
@@ -231,7 +333,43 @@ class Task(pl.LightningModule):
         self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.guard_optimizer_step(optimizer)
+        if deepspeed_strategy(self._trainer) is not None:
+            self._before_deepspeed_step()
+        else:
+            self.guard_optimizer_step(optimizer)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self._deepspeed_skips_before is not None:
+            self._after_deepspeed_step()
+
+    # under DeepSpeed the step is the engine's: it skips steps whose gradients are not finite; we count them
+    def _before_deepspeed_step(self) -> None:
+        engine = self.trainer.strategy.deepspeed_engine
+        bad_loss = self._losses_finite is not None and not bool(self._losses_finite.all().item())
+        self._deepspeed_step_losses = (bad_loss, self._step_keys)
+        self._step_keys, self._losses_finite = [], None
+        self._deepspeed_skips_before = int(getattr(engine, "skipped_steps", 0))
+
+    def _after_deepspeed_step(self) -> None:
+        engine = self.trainer.strategy.deepspeed_engine
+        skipped = int(getattr(engine, "skipped_steps", 0)) > (self._deepspeed_skips_before or 0)
+        local_bad, keys = self._deepspeed_step_losses or (False, [])
+        self._deepspeed_skips_before, self._deepspeed_step_losses = None, None
+        bad_loss = local_bad
+        if self.trainer.world_size > 1:
+            bad_loss = self.trainer.strategy.reduce_boolean_decision(local_bad, all=False)
+        if bad_loss and not skipped:
+            raise NonFiniteError(
+                f"training step {self.global_step}: non-finite loss (batch keys {_listed_keys(keys)}) and DeepSpeed "
+                f"applied the step anyway: its overflow check is off; remove bf16.check_grad_overflow: false from the "
+                f"DeepSpeed config (trainer.strategy), and resume from the last checkpoint"
+            )
+        self.record_step(skipped, counts=skipped and (bad_loss or not self._fp16()), keys=keys, local_bad=local_bad,
+                         why="DeepSpeed skipped it: non-finite gradients")
+
+    def _fp16(self) -> bool:
+        return str(self.trainer.precision) in ("16", "16-mixed", "16-true")
 
     def _scaler_active(self) -> bool:
         plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
@@ -254,21 +392,31 @@ class Task(pl.LightningModule):
         if trainer is not None and trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False)
         keys, self._step_keys, self._losses_finite = self._step_keys, [], None
-        if not bad:
+        if bad:
+            for p in params:
+                p.grad = None
+        self.record_step(bad, counts=bad, keys=keys, local_bad=local_bad,
+                         why="non-finite loss or gradient norm")
+        return bad
+
+    def record_step(self, skipped: bool, counts: bool, keys: list[str], local_bad: bool, why: str) -> None:
+        """Count a skipped step (``train/skipped_steps``) and, where ``counts``, its consecutive run against
+        ``max_skipped_steps``; log which batch. Collective when the limit is passed (gathers the culprits' keys)."""
+        trainer = self._trainer
+        if not skipped:
             self.consecutive_skipped_steps = 0
             if trainer is not None:
                 self.log("train/skipped_steps", float(self.skipped_steps))
-            return False
-        for p in params:
-            p.grad = None
+            return
         self.skipped_steps += 1
-        self.consecutive_skipped_steps += 1
+        if counts:
+            self.consecutive_skipped_steps += 1
         step = self.global_step
         where = f"its batch held keys {_listed_keys(keys)}" if local_bad else "another rank's batch was"
         if trainer is not None:
             self.log("train/skipped_steps", float(self.skipped_steps))
         limit = self.max_skipped_steps
-        if limit is not None and self.consecutive_skipped_steps > limit:
+        if counts and limit is not None and self.consecutive_skipped_steps > limit:
             culprits = [k for ks in gather_objects(keys if local_bad else []) for k in ks]
             raise NonFiniteError(
                 f"training step {step}: non-finite loss or gradient norm in {self.consecutive_skipped_steps} "
@@ -276,9 +424,8 @@ class Task(pl.LightningModule):
                 f"{_listed_keys(culprits)}. Lower the learning rate, clip gradients (trainer.gradient_clip_val), "
                 f"use bf16 rather than fp16, or inspect these samples (python -m data_tools.inspect_shards)"
             )
-        log.warning("training step %d skipped: non-finite loss or gradient norm (%s); %d skipped in all, %d in a "
-                    "row", step, where, self.skipped_steps, self.consecutive_skipped_steps)
-        return True
+        log.warning("training step %d skipped: %s (%s); %d skipped in all, %d in a row", step, why, where,
+                    self.skipped_steps, self.consecutive_skipped_steps)
 
     def count_flops(self, batch: Any) -> int | None:
         """FLOPs of one forward and backward step on ``batch``, counted on a copy of the model built on the meta device."""
@@ -294,6 +441,21 @@ class Task(pl.LightningModule):
             return None
         rank_zero_info(f"mmpretrain: {flops / 1e9:.2f} GFLOPs per training step per device")
         return flops
+
+
+def deepspeed_strategy(trainer: Any) -> DeepSpeedStrategy | None:
+    """The trainer's strategy when it is Lightning's DeepSpeed strategy, else None (no trainer included)."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    return strategy if isinstance(strategy, DeepSpeedStrategy) else None
+
+
+def deepspeed_strategy_name(strategy: DeepSpeedStrategy) -> str:
+    """``deepspeed_stage_3`` (and ``_offload``) as the CLI spells it, from the strategy's configuration."""
+    config = strategy.config if isinstance(strategy.config, dict) else {}
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", "?")
+    offload = "offload_optimizer" in zero or "offload_param" in zero
+    return f"deepspeed_stage_{stage}" + ("_offload" if offload else "")
 
 
 def _listed_keys(keys: list[str], most: int = 8) -> str:

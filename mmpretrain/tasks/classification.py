@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import mmpretrain.models  # noqa: F401  (registers our timm models: vim_tiny, vim_lru_tiny ...)
 from mmpretrain.optim import param_groups
-from mmpretrain.tasks.base import Task, adamw
+from mmpretrain.tasks.base import Task, adamw, deepspeed_strategy, deepspeed_strategy_name
 
 
 class ImageClassification(Task):
@@ -47,10 +47,15 @@ class ImageClassification(Task):
             classes, e.g. Vim's stride-8 fine-tune). The head's shapes must match (``num_classes``); if they
             do not, or the checkpoint has no head (a CLIP checkpoint), loading fails and says so. False (the
             default) starts a new head.
-        grad_checkpointing: recompute each block's activations in the backward pass.
-        compile: ``torch.compile`` the model (in place; checkpoint keys are unchanged).
+        compile: ``torch.compile`` the model (in place; checkpoint keys are unchanged). Not under DeepSpeed
+            ZeRO stage 3.
         compile_mode: ``torch.compile`` mode (``default``, ``max-autotune-no-cudagraphs`` ...).
-        optimizer, lr_scheduler, lr_reference_batch, max_skipped_steps: see :class:`~mmpretrain.tasks.base.Task`.
+        optimizer, lr_scheduler, lr_reference_batch, max_skipped_steps, grad_checkpointing: see
+            :class:`~mmpretrain.tasks.base.Task`.
+
+    Under DeepSpeed (any ZeRO stage) ``ema_decay`` is refused: the engine casts the whole module, the average
+    included, to bf16, where a 0.9999-decay average stops moving, and under stage 3 a copy of the model would copy
+    empty shards. Train with EMA under ``ddp``.
     """
 
     def __init__(
@@ -77,7 +82,7 @@ class ImageClassification(Task):
         max_skipped_steps: int | None = 10,
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_reference_batch=lr_reference_batch,
-                         max_skipped_steps=max_skipped_steps)
+                         max_skipped_steps=max_skipped_steps, grad_checkpointing=grad_checkpointing)
         if num_classes < 1:
             raise ValueError(f"model.num_classes must be positive, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
@@ -98,7 +103,6 @@ class ImageClassification(Task):
         self.layer_decay = layer_decay
         self.init_from = init_from
         self.init_head = init_head
-        self.grad_checkpointing = grad_checkpointing
         self.compile_model = compile
         self.compile_mode = compile_mode
         self.mixup_fn = None
@@ -122,8 +126,6 @@ class ImageClassification(Task):
             model = timm.create_model(self.backbone, pretrained=False, num_classes=self.num_classes, **kwargs)
         except TypeError as err:
             raise ValueError(f"model.backbone_kwargs for {self.backbone}: {err}") from None
-        if self.grad_checkpointing:
-            model.set_grad_checkpointing(True)
         return model
 
     def configure_model(self) -> None:
@@ -132,12 +134,24 @@ class ImageClassification(Task):
         self.model = self.build_model()
         if self.init_from is not None:
             load_backbone_weights(self.model, self.init_from, init_head=self.init_head)
+        if self.grad_checkpointing:
+            self.apply_recomputation(self.model)
         if self.ema_decay is not None:
             self.ema = ModelEmaV3(self.model, decay=self.ema_decay)
             self.ema.requires_grad_(False)
             self.ema.train()  # it never runs in training; Lightning switches it to eval for validation
         if self.compile_model:
             self.model.compile(mode=self.compile_mode)
+
+    def check_strategy(self) -> None:
+        super().check_strategy()
+        strategy = deepspeed_strategy(self._trainer)
+        if strategy is not None and self.ema_decay is not None:
+            raise ValueError(
+                f"model.ema_decay is not supported under trainer.strategy {deepspeed_strategy_name(strategy)}: "
+                f"DeepSpeed casts the whole module, the average included, to bf16 (and under ZeRO stage 3 a copy of "
+                f"the model copies empty shards); set model.ema_decay null, or train with trainer.strategy ddp"
+            )
 
     def parameter_groups(self) -> list[dict]:
         no_decay = set(getattr(self.model, "no_weight_decay", lambda: set())())
@@ -174,6 +188,7 @@ class ImageClassification(Task):
         return out["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self.ema.update(self.model, step=self.global_step)
 

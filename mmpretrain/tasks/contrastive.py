@@ -60,7 +60,7 @@ from mmpretrain.models.losses import (
     gather_with_grad,
     siglip_loss_from_features,
 )
-from mmpretrain.tasks.base import Task
+from mmpretrain.tasks.base import Task, deepspeed_strategy, deepspeed_strategy_name
 
 log = logging.getLogger("mmpretrain")
 
@@ -93,14 +93,18 @@ class ContrastivePretraining(Task):
         class_names: zero-shot class names in label order; linked from the data module by the CLI, which also
             builds the prompts (``zero_shot_prompts()``: its templates, its tokenizer). Names the classes
             ``predict`` assigns.
-        grad_checkpointing: recompute each block's activations in the backward pass (both towers).
         accumulate_micro_batches: split each batch into this many micro-batches with exact gradient
             accumulation (see the module docstring); the batch size must be divisible by it. The global
             batch is ``world size x data.batch_size``, whatever this number.
         max_logit_scale: upper bound of the log logit scale, applied after every optimizer step.
-        compile: ``torch.compile`` the model in place (checkpoint keys are unchanged).
-        optimizer, lr_scheduler, max_skipped_steps: see :class:`~mmpretrain.tasks.base.Task`; the default
-            optimizer is :func:`clip_adamw`.
+        compile: ``torch.compile`` the model in place (checkpoint keys are unchanged). Not under DeepSpeed ZeRO
+            stage 3.
+        optimizer, lr_scheduler, max_skipped_steps, grad_checkpointing: see :class:`~mmpretrain.tasks.base.Task`
+            (recomputation covers both towers); the default optimizer is :func:`clip_adamw`.
+
+    Under DeepSpeed, ``accumulate_micro_batches`` > 1 is refused (its manual optimization and per-micro-batch
+    backward without gradient synchronisation are DDP's); raise the per-GPU batch instead, which ZeRO's memory
+    savings allow.
     """
 
     model: CLIP | None
@@ -121,7 +125,8 @@ class ContrastivePretraining(Task):
         lr_scheduler: LRSchedulerCallable | None = None,
         max_skipped_steps: int | None = 10,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, max_skipped_steps=max_skipped_steps)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, max_skipped_steps=max_skipped_steps,
+                         grad_checkpointing=grad_checkpointing)
         if preset not in list_clip_models():
             raise ValueError(f"model.preset: {preset!r} is not a CLIP configuration; choose one of {list_clip_models()}")
         overrides = dict(overrides or {})
@@ -144,7 +149,6 @@ class ContrastivePretraining(Task):
         self.eot_id = eot_id
         self.siglip = siglip
         self.class_names = list(class_names) if class_names is not None else None
-        self.grad_checkpointing = grad_checkpointing
         self.accumulate_micro_batches = accumulate_micro_batches
         self.max_logit_scale = max_logit_scale
         self.compile_model = compile
@@ -175,14 +179,15 @@ class ContrastivePretraining(Task):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self._take_from_data()
+        self._prepare_once()
         self.model = self.build_model()
+        self.register_zero3_parameters()
         if self.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+            self.apply_recomputation(self.model)
         if self.compile_model:
             self.model.compile()
 
-    def _take_from_data(self) -> None:
+    def prepare_build(self) -> None:
         """Read the vocabulary size and end-of-text id from the data module's tokenizer; check sizes."""
         data = self._datamodule()
         tokenizer = getattr(data, "tokenizer", None)
@@ -233,11 +238,20 @@ class ContrastivePretraining(Task):
 
     def setup(self, stage: str) -> None:
         self._check_trainer()
+        super().setup(stage)
 
     def _check_trainer(self) -> None:
         trainer = self._trainer
         if trainer is None:
             return
+        strategy = deepspeed_strategy(trainer)
+        if strategy is not None and self.accumulate_micro_batches > 1:
+            raise ValueError(
+                f"model.init_args.accumulate_micro_batches={self.accumulate_micro_batches} is not supported under "
+                f"trainer.strategy {deepspeed_strategy_name(strategy)} (exact accumulation steps the optimizer itself "
+                f"and skips DDP's gradient synchronisation, which ZeRO does not allow): set it to 1 and raise "
+                f"data.batch_size, or use trainer.strategy ddp"
+            )
         if trainer.accumulate_grad_batches > 1:
             raise ValueError(
                 f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} is not exact for a contrastive "
@@ -266,9 +280,9 @@ class ContrastivePretraining(Task):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if self.automatic_optimization:
-            loss = self.compute_loss(self.model, batch)["loss"]
-            self._log_train(loss, batch["image"].shape[0])
-            return loss
+            out = self.compute_loss(self.model, batch)
+            self._log_train(out["loss"], batch["image"].shape[0], out["logit_scale"], out["logit_bias"])
+            return out["loss"]
         optimizer = self.optimizers()
         optimizer.zero_grad()
         loss = self.accumulate_gradients(batch)
@@ -276,22 +290,45 @@ class ContrastivePretraining(Task):
             value, algorithm = self._clip_gradients
             self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
         optimizer.step()
-        self.model.clamp_logit_scale(self.max_logit_scale)
+        self.clamp_logit_scale()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         self._log_train(loss, batch["image"].shape[0])
         return None
 
-    def _log_train(self, loss: torch.Tensor, batch_size: int) -> None:
+    def _log_train(self, loss: torch.Tensor, batch_size: int, scale: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None) -> None:
+        # the scale and bias as the forward pass saw them (under ZeRO stage 3 the parameters outside it are shards)
+        scale = self.model.logit_scale.exp() if scale is None else scale
+        bias = self.model.logit_bias if bias is None else bias
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=batch_size)
-        if self.model.logit_bias is not None:
-            self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=batch_size)
+        self.log("train/logit_scale", scale.detach().float().reshape(()), batch_size=batch_size)
+        if bias is not None:
+            self.log("train/logit_bias", bias.detach().float().reshape(()), batch_size=batch_size)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.model.clamp_logit_scale(self.max_logit_scale)
+        self.clamp_logit_scale()
+
+    def clamp_logit_scale(self) -> None:
+        """Clamp the log logit scale to ``[0, max_logit_scale]``. Under DeepSpeed the optimizer's fp32 master copy
+        is what the next step starts from (the module holds a bf16 copy, under ZeRO stage 3 an empty shard): the
+        clamp goes to the master copy (``deepspeed.utils.safe_set_full_fp32_param``; collective, every rank
+        calls it)."""
+        if deepspeed_strategy(self._trainer) is None:
+            self.model.clamp_logit_scale(self.max_logit_scale)
+            return
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        param = self.model.logit_scale
+        master = safe_get_full_fp32_param(param)
+        if master is None:  # not an optimized parameter of the engine: the module's is the weight
+            self.model.clamp_logit_scale(self.max_logit_scale)
+            return
+        clamped = master.clamp(0, self.max_logit_scale)
+        if not torch.equal(clamped, master):
+            safe_set_full_fp32_param(param, clamped)
 
     def _micro_batches(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         images, tokens = batch["image"], batch["input_ids"]

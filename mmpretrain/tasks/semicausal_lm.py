@@ -99,13 +99,14 @@ class SemiCausalLM(Task):
         image_init_from: initialise the image encoder from a checkpoint: an mmpretrain CLIP checkpoint (its image
             tower; use ``image_encoder: clip`` with the same dimensions, or the same timm name) or a
             classification checkpoint's backbone. The connector and the decoder start fresh.
-        grad_checkpointing: recompute each block's activations in the backward pass (decoder, span encoder,
-            image encoder).
-        compile: ``torch.compile`` each transformer block (in place; checkpoint keys are unchanged).
+        compile: ``torch.compile`` each transformer block (in place; checkpoint keys are unchanged). Not under
+            DeepSpeed ZeRO stage 3.
         compile_mode: ``torch.compile`` mode.
         max_new_tokens: longest caption ``predict`` generates.
         temperature, top_k, top_p: sampling in ``predict`` (temperature 0: greedy).
-        optimizer, lr_scheduler, lr_reference_batch, max_skipped_steps: see :class:`~mmpretrain.tasks.base.Task`;
+        optimizer, lr_scheduler, lr_reference_batch, max_skipped_steps, grad_checkpointing: see
+            :class:`~mmpretrain.tasks.base.Task` (recomputation covers the decoder, the span encoder and the image
+            encoder);
             the default optimizer is :func:`metalm_adamw`. No weight decay on norms, biases and embeddings (the tied output
             projection is the token embedding).
     """
@@ -134,7 +135,7 @@ class SemiCausalLM(Task):
         max_skipped_steps: int | None = 10,
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, lr_reference_batch=lr_reference_batch,
-                         max_skipped_steps=max_skipped_steps)
+                         max_skipped_steps=max_skipped_steps, grad_checkpointing=grad_checkpointing)
         if preset not in list_metalm_models():
             raise ValueError(f"model.preset: {preset!r} is not a METALM configuration; choose one of "
                              f"{list_metalm_models()}")
@@ -154,7 +155,6 @@ class SemiCausalLM(Task):
         self.vocab_size = vocab_size
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.image_init_from = image_init_from
-        self.grad_checkpointing = grad_checkpointing
         self.compile_model = compile
         self.compile_mode = compile_mode
         self.max_new_tokens = max_new_tokens
@@ -178,8 +178,9 @@ class SemiCausalLM(Task):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self._take_from_data()
+        self._prepare_once()
         self.model = self.build_model()
+        self.register_zero3_parameters()
         if self.image_init_from is not None:
             if self.model.image_encoder is None:
                 raise ValueError(f"model.image_init_from is set but {self.preset} has no image encoder "
@@ -189,13 +190,17 @@ class SemiCausalLM(Task):
             load_backbone_weights(self.model.image_encoder, self.image_init_from)
             log.info("image encoder initialised from %s", self.image_init_from)
         if self.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+            self.apply_recomputation(self.model)
         if self.compile_model:
             for blocks in (self.model.blocks, getattr(self.model.encoder, "blocks", None)):
                 for block in blocks or []:
                     block.compile(mode=self.compile_mode)
 
-    def _take_from_data(self) -> None:
+    def external_parameters(self) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+        # the output projection is the token embedding, used by MetaLM.forward outside the embedding's forward
+        return [(self.model, self.model.embed.weight)] if self.model is not None else []
+
+    def prepare_build(self) -> None:
         """Vocabulary size and special ids from the data's tokenizer; checks that data and model fit."""
         data = self._datamodule()
         tokenizer = getattr(data, "tokenizer", None)
