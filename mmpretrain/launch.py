@@ -104,10 +104,11 @@ def check_launch(num_nodes: int, devices_per_node: int, environ: Mapping[str, st
     else:
         fix = (f"launch with --trainer.num_nodes {world.nodes} --trainer.devices {per_node}, or ask SLURM for "
                f"--nodes={num_nodes} --ntasks-per-node={devices_per_node}")
+    why = (" (with fewer trainer devices than processes, each process would train alone on the whole data set)"
+           if expected < world.world_size else "")
     raise LaunchMismatchError(
         f"{world.describe()}, but the trainer expects trainer.num_nodes {num_nodes} x trainer.devices "
-        f"{devices_per_node} = {expected}: {fix}. (With fewer trainer devices than processes, each process would "
-        f"train alone on the whole data set.)"
+        f"{devices_per_node} = {expected}: {fix}{why}."
     )
 
 
