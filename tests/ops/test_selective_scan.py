@@ -196,6 +196,16 @@ def test_torch_backend_ignores_autocast(device):
     assert_matches(cast, {k: v.double() for k, v in plain.items()}, 1e-6, "torch under autocast")
 
 
+@pytest.mark.parametrize("groups_B,groups_C", [(0, 2), (2, 0), (2, 3)], ids=["B_shared", "C_shared", "2_and_3"])
+def test_torch_backend_B_and_C_with_different_groups(groups_B, groups_C):
+    """B and C laid out independently (shared or grouped, even 2 and 3 groups over 6 channels)."""
+    t, flags = make_inputs(2, 6, 13, 4, groups_C, "full", torch.float64, "cpu", seed=14)
+    other, _ = make_inputs(2, 6, 13, 4, groups_B, "full", torch.float64, "cpu", seed=15)
+    t["B"] = other["B"]
+    got = run_with_grads(lambda **kw: selective_scan(**kw, backend="torch"), t, flags)
+    assert_matches(got, reference_of(t, flags), 1e-10, f"torch B groups {groups_B}, C groups {groups_C}")
+
+
 def test_torch_backend_gpu_contractions_on_cpu(monkeypatch):
     """The product-and-sum contractions that GPUs use (no TF32), run here on CPU against the reference."""
     from mmpretrain.ops.selective_scan import chunked

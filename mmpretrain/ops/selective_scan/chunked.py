@@ -29,6 +29,8 @@ triangular matmul) were not tried, as their exp(-sum) factors overflow for stron
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .reference import compute_dtype, finish_output, prepare_delta
@@ -221,7 +223,9 @@ def selective_scan_chunked(
         raise ValueError(f"selective_scan_chunked: chunk_size must be at least 1, got {chunk_size}")
     B4 = B.unsqueeze(1) if B.dim() == 3 else B
     C4 = C.unsqueeze(1) if C.dim() == 3 else C
-    G = B4.shape[1]
+    # B and C may have different group counts (say B shared, C per group): scan in the finest common grouping
+    G = math.lcm(B4.shape[1], C4.shape[1])
+    B4, C4 = (t if t.shape[1] == G else t.repeat_interleave(G // t.shape[1], dim=1) for t in (B4, C4))
     dg = dim // G
     u_c = u.to(ct)
     dt = prepare_delta(delta.to(ct), None if delta_bias is None else delta_bias.to(ct), False)  # softplus: inside
