@@ -27,7 +27,10 @@ from mmpretrain.ops.selective_scan import selective_scan_chunked, selective_scan
 from mmpretrain.ops.selective_scan.dispatch import mamba_ssm_available, triton_available
 
 
-def make_inputs(batch: int, dim: int, L: int, N: int, dtype: torch.dtype, device: str, seed: int = 0):
+def make_inputs(batch: int, dim: int, L: int, N: int, dtype: torch.dtype, device: str, seed: int = 0,
+                layout: str = "channels_last"):
+    """Inputs as the Vim mixer gives them (``channels_last``: u, delta, z, B, C are transposed views of
+    (batch, L, channels) tensors, as linear layers leave them) or contiguous (batch, channels, L)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -46,8 +49,10 @@ def make_inputs(batch: int, dim: int, L: int, N: int, dtype: torch.dtype, device
         "z": randn(batch, dim, L).to(dtype),
         "delta_bias": (dt_init + torch.log(-torch.expm1(-dt_init))).to(device),
     }
-    for v in inputs.values():
-        v.requires_grad_(True)
+    for k, v in inputs.items():
+        if layout == "channels_last" and v.dim() == 3:
+            v = v.transpose(1, 2).contiguous().transpose(1, 2)  # same values, channels contiguous
+        inputs[k] = v.requires_grad_(True)
     return inputs
 
 
@@ -152,7 +157,7 @@ def kernel_resources() -> list[str]:
     try:
         from mmpretrain.ops.selective_scan import triton_kernels as tk
 
-        for name in ("_tile_fwd_kernel", "_tile_bwd_kernel"):
+        for name in ("_fwd_kernel", "_bwd_kernel"):
             for entry in getattr(getattr(tk, name), "device_caches", {}).values():
                 cache = entry[0] if isinstance(entry, tuple) else entry
                 for ck in cache.values():
@@ -171,8 +176,10 @@ def main():
     p.add_argument("--length", type=int, default=197)
     p.add_argument("--state", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--layout", default="channels_last", choices=["channels_last", "contiguous"],
+                   help="memory layout of u, delta, z, B, C (channels_last is what the Vim mixer passes)")
     p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--triton", nargs="*", default=["default", "32:8:2:64"],
+    p.add_argument("--triton", nargs="*", default=["default", "32:8:4:64"],
                    help="triton launch configurations to time: 'default', or block_d:block_d_bwd:sub_chunk:chunk")
     p.add_argument("--skip", nargs="*", default=[], choices=["reference", "torch"],
                    help="backends to leave out (the first one timed is the accuracy baseline)")
@@ -183,7 +190,7 @@ def main():
     device = "cuda"
     dtype = getattr(torch, args.dtype)
     b, d, L, N = args.batch, args.dim, args.length, args.state
-    inputs = make_inputs(b, d, L, N, dtype, device)
+    inputs = make_inputs(b, d, L, N, dtype, device, layout=args.layout)
     dout = torch.randn(b, d, L, device=device).to(dtype)
     flags = dict(delta_softplus=True)
     nbytes = min_bytes(b, d, L, N, torch.tensor([], dtype=dtype).element_size())
@@ -226,7 +233,7 @@ def main():
 
     props = torch.cuda.get_device_properties(0)
     meta = dict(date=datetime.date.today().isoformat(), device=props.name, torch=torch.__version__,
-                shape=dict(batch=b, dim=d, length=L, state=N), dtype=args.dtype, copy_bw_bytes_per_s=copy_bw,
+                shape=dict(batch=b, dim=d, length=L, state=N), dtype=args.dtype, layout=args.layout, copy_bw_bytes_per_s=copy_bw,
                 min_bytes_per_step=nbytes)
     try:
         import triton

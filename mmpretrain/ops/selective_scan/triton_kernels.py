@@ -424,15 +424,17 @@ class TritonConfig:
     """Launch parameters. ``block_d`` / ``block_d_bwd``: channels per program in the forward / backward kernel
     (upper bounds: scaled down for N > 16, and a program stays inside one group); ``sub_chunk``: steps each
     program scans at a time in registers; ``chunk``: steps between state checkpoints (a multiple of
-    ``sub_chunk``); ``num_warps``: None gives one warp per 32 channels; ``splits``: pieces the sequence is cut
-    into and scanned in parallel (a run of whole chunks each; None: enough for ``programs_per_sm`` forward
-    programs on every multiprocessor, 1 when batch x channel blocks already give that many)."""
+    ``sub_chunk``); ``num_warps`` / ``num_warps_bwd``: None gives one warp per 32 channels; ``splits``: pieces
+    the sequence is cut into and scanned in parallel (a run of whole chunks each; None: enough for
+    ``programs_per_sm`` forward programs on every multiprocessor, 1 when batch x channel blocks already give
+    that many)."""
 
     block_d: int = 32
     block_d_bwd: int = 16
     sub_chunk: int = 2
     chunk: int = 64
     num_warps: int | None = None
+    num_warps_bwd: int | None = None
     splits: int | None = None
     programs_per_sm: int = 16
 
@@ -468,12 +470,12 @@ def _splits(cfg: TritonConfig, programs: int, n_chunks: int, device: torch.devic
 
 
 def _flags(cfg: TritonConfig, bd: int, bn: int, dtype: torch.dtype, D, z, delta_bias, softplus: bool,
-           reverse: bool) -> dict:
+           reverse: bool, num_warps: int | None = None) -> dict:
     # Triton's default layout gives the lanes to the channel axis first: one warp per 32 channels keeps
     # the state axis inside each warp (no reductions through shared memory)
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                 REVERSE=reverse, BLOCK_D=bd, BLOCK_N=bn, CHUNK=cfg.chunk, SUB=cfg.sub_chunk,
-                CT=_tl_compute_dtype(dtype), num_warps=cfg.num_warps or max(1, bd // 32))
+                CT=_tl_compute_dtype(dtype), num_warps=num_warps or max(1, bd // 32))
 
 
 def _empty_in_layout(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -521,7 +523,8 @@ class SelectiveScanTriton(torch.autograd.Function):
         ckpt = alloc((batch, n_chunks, N, dim), device=u.device, dtype=ct)
         dts = None
         if L > 0:
-            flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, bool(delta_softplus), bool(reverse))
+            flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, bool(delta_softplus), bool(reverse),
+                           cfg.num_warps)
             args = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
                     u if delta_bias is None else delta_bias, out, ckpt]
             sizes = [dim, L, N, dim // groups, n_chunks, per_split, n_splits,
@@ -566,7 +569,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         dD_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
         dbias_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
         if L > 0:
-            flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse)
+            flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps_bwd)
             scratch = torch.empty(batch * n_blocks * n_splits * (cfg.chunk // cfg.sub_chunk) * bd * bn, device=dev,
                                   dtype=ct)
             grads = [du, ddelta, du if dz is None else dz, dB, dC, dA_part, dD_part, dbias_part]
