@@ -38,6 +38,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from mmpretrain.checkpoints import StepCheckpoint, find_last_checkpoint, install_atomic_checkpoint_io
 from mmpretrain.data.stats import DataStatsMonitor
+from mmpretrain.launch import check_trainer_matches_launch
 from mmpretrain.throughput import MFUThroughputMonitor
 
 # values only the data module knows, linked into the task when both have them
@@ -114,6 +115,8 @@ class MMPretrainCLI(LightningCLI):
         configured = configured if isinstance(configured, list) else [configured]
         kwargs["callbacks"] = configured + list(kwargs.get("callbacks") or []) + extra
         trainer = super().instantiate_trainer(**kwargs)
+        # torchrun / srun started as many processes per node and nodes as the trainer expects, or fail now
+        check_trainer_matches_launch(trainer)
         install_atomic_checkpoint_io(trainer)  # a kill mid-write never leaves a broken checkpoint
         return trainer
 
