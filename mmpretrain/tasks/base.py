@@ -193,6 +193,12 @@ class Task(pl.LightningModule):
         strategy = deepspeed_strategy(self._trainer)
         if strategy is None:
             return
+        config = strategy.config if isinstance(strategy.config, dict) else None
+        if config is not None and "train_micro_batch_size_per_gpu" not in config:
+            # Lightning would read it from the loader's batch sampler, which streaming loaders (ours batch in
+            # the dataset) do not have; DeepSpeed uses it for its throughput log and its batch arithmetic
+            per_rank = getattr(self._datamodule(), "batch_size", None)
+            config["train_micro_batch_size_per_gpu"] = int(per_rank) if per_rank else 1
         if not self.automatic_optimization:
             raise ValueError(f"trainer.strategy {deepspeed_strategy_name(strategy)}: {type(self).__name__} is "
                              f"configured for manual optimization, which mmpretrain does not run under DeepSpeed; "
