@@ -153,7 +153,7 @@ def clip_config(model: CLIP, eos_token_id: int, bos_token_id: int | None, pad_to
 def clip_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
     """Our parameter names -> CLIPModel's (fused query/key/value projections split in three)."""
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {"logit_scale": sd["logit_scale"]}
+    out: dict[str, torch.Tensor] = {"logit_scale": sd["logit_scale"].reshape(())}  # CLIPModel's is 0-d
 
     def qkv(src_w: str, src_b: str, dst: str, dim: int) -> None:
         w, b = sd[src_w], sd[src_b]

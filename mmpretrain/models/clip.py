@@ -143,11 +143,21 @@ class CLIP(nn.Module):
         self.text = TextTransformer(**text_kwargs)
         if init_logit_scale is None:
             init_logit_scale = math.log(10.0) if siglip else math.log(1 / 0.07)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # one-element vectors, not 0-d scalars: DeepSpeed's ZeRO bf16 paths view parameters as bytes, which
+        # a 0-d tensor refuses; checkpoints that hold them as 0-d scalars still load (_load_from_state_dict)
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
         if siglip:
-            self.logit_bias = nn.Parameter(torch.tensor(-10.0 if init_logit_bias is None else float(init_logit_bias)))
+            bias = -10.0 if init_logit_bias is None else float(init_logit_bias)
+            self.logit_bias = nn.Parameter(torch.full((1,), bias))
         else:
             self.register_parameter("logit_bias", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("logit_scale", "logit_bias"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                state_dict[prefix + name] = value.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def context_length(self) -> int:

@@ -167,3 +167,15 @@ def test_bf16_autocast_forward():
         loss = ClipLoss()(img, txt, scale)
     assert torch.isfinite(loss)
     assert F.normalize(img.float(), dim=-1).shape == (2, 128)
+
+
+def test_logit_scale_is_a_one_element_vector_and_old_scalar_checkpoints_load():
+    """One-element vectors (DeepSpeed's ZeRO bf16 paths cannot view 0-d parameters as bytes); a state dict that
+    holds them as 0-d scalars, as checkpoints saved before did, loads into them."""
+    model = clip_demo(siglip=True)
+    assert model.logit_scale.shape == (1,) and model.logit_bias.shape == (1,)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["logit_scale"] = torch.tensor(1.5)
+    state["logit_bias"] = torch.tensor(-3.0)
+    model.load_state_dict(state)
+    assert model.logit_scale.item() == 1.5 and model.logit_bias.item() == -3.0
