@@ -47,7 +47,8 @@ def load_task(checkpoint: dict[str, Any], source: str = "checkpoint") -> Task:
     return task
 
 
-def export_task(task: Task, output: str | Path, data_hparams: dict[str, Any] | None = None, ema: bool = False) -> Path:
+def export_task(task: Task, output: str | Path, data_hparams: dict[str, Any] | None = None, ema: bool = False,
+                tokenizer: str | Path | None = None) -> Path:
     """Write ``task``'s model to ``output`` in transformers format; returns the directory."""
     from mmpretrain.tasks.classification import ImageClassification
 
@@ -75,7 +76,7 @@ def export_task(task: Task, output: str | Path, data_hparams: dict[str, Any] | N
     if isinstance(task, ContrastivePretraining):
         from mmpretrain.export.clip import export_clip
 
-        return export_clip(task.model, output, data_hparams, ema=ema)
+        return export_clip(task.model, output, data_hparams, tokenizer=tokenizer, ema=ema)
     from mmpretrain.tasks.semicausal_lm import SemiCausalLM
 
     if isinstance(task, SemiCausalLM):  # no native transformers class: our own remote code
@@ -85,15 +86,19 @@ def export_task(task: Task, output: str | Path, data_hparams: dict[str, Any] | N
             raise CheckpointError("--ema: semi-causal LM training keeps no EMA weights; export without --ema")
         settings = {"max_new_tokens": task.max_new_tokens, "temperature": task.temperature, "top_k": task.top_k,
                     "top_p": task.top_p}
-        return export_metalm(task.model, output, data_hparams, generation=settings)
+        return export_metalm(task.model, output, data_hparams, tokenizer=tokenizer, generation=settings)
     raise CheckpointError(f"export of {type(task).__name__} is not supported yet")
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, ema: bool = False) -> Path:
-    """Export a training checkpoint (a file, or a DeepSpeed ZeRO directory, consolidated first) to ``output``."""
+def export_checkpoint(checkpoint: str | Path, output: str | Path, ema: bool = False,
+                      tokenizer: str | Path | None = None) -> Path:
+    """Export a training checkpoint (a file, or a DeepSpeed ZeRO directory, consolidated first) to ``output``.
+
+    ``tokenizer``: a tokenizer directory for CLIP and METALM exports, instead of the one the checkpoint's data
+    module names (needed when training ran without a data module)."""
     ckpt = read_checkpoint(checkpoint)
     task = load_task(ckpt, source=f"--checkpoint {checkpoint}")
-    return export_task(task, output, ckpt.get("datamodule_hyper_parameters"), ema=ema)
+    return export_task(task, output, ckpt.get("datamodule_hyper_parameters"), ema=ema, tokenizer=tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="a checkpoint written by mmpretrain fit (a .ckpt file, or a DeepSpeed ZeRO .ckpt directory)")
     parser.add_argument("--output", required=True, help="directory to write (created if missing)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    parser.add_argument("--tokenizer", default=None,
+                        help="CLIP / METALM: the tokenizer directory to export with, instead of the one the "
+                             "checkpoint's data module names")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.output, ema=args.ema)
+        out = export_checkpoint(args.checkpoint, args.output, ema=args.ema, tokenizer=args.tokenizer)
     except (CheckpointError, ValueError) as err:
         parser.exit(2, f"mmpretrain export: error: {err}\n")
     print(f"exported to {out}")

@@ -22,7 +22,17 @@ from torch.utils.data import DataLoader  # noqa: E402
 from mmpretrain.checkpoints import StepCheckpoint, find_last_checkpoint, is_zero_checkpoint  # noqa: E402
 from mmpretrain.export import export_checkpoint  # noqa: E402
 
-VOCAB = 64
+VOCAB = 300  # a byte-level BPE tokenizer (trained below) needs 256 ids and its special tokens
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """The tokenizer the exports carry: training here runs on bare loaders, so no data module names one."""
+    from mmpretrain.data.tokenizer import train_bpe
+
+    texts = [f"a {c} {s} on a {b} background, number {n}" for n, (c, s, b) in enumerate(
+        [("red", "circle", "blue"), ("green", "square", "white"), ("blue", "star", "black")] * 20)]
+    return str(train_bpe(texts, VOCAB, tmp_path_factory.mktemp("tokenizer"), min_frequency=1))
 
 
 def _metalm_batches(n: int) -> list[dict[str, torch.Tensor]]:
@@ -32,19 +42,22 @@ def _metalm_batches(n: int) -> list[dict[str, torch.Tensor]]:
 
 def _clip_batches(n: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [{"image": torch.randn(4, 3, 64, 64, generator=g), "input_ids": torch.randint(1, VOCAB - 1, (4, 12), generator=g)}
-            for _ in range(n)]
+    batches = [{"image": torch.randn(4, 3, 64, 64, generator=g), "input_ids": torch.randint(3, VOCAB, (4, 12), generator=g)}
+               for _ in range(n)]
+    for b in batches:
+        b["input_ids"][:, -1] = 0  # the tokenizer's end of text, where the text tower pools
+    return batches
 
 
 def _make(kind: str):
     if kind == "metalm":
         from mmpretrain.tasks.semicausal_lm import SemiCausalLM
 
-        return SemiCausalLM(preset="metalm_demo", vocab_size=VOCAB, bos_id=1, eos_id=2, pad_id=0,
+        return SemiCausalLM(preset="metalm_demo", vocab_size=VOCAB, bos_id=1, eos_id=0, pad_id=2,
                             grad_checkpointing=True), _metalm_batches
     from mmpretrain.tasks.contrastive import ContrastivePretraining
 
-    return ContrastivePretraining(preset="clip_demo", vocab_size=VOCAB, eot_id=VOCAB - 1, grad_checkpointing=True), \
+    return ContrastivePretraining(preset="clip_demo", vocab_size=VOCAB, eot_id=0, grad_checkpointing=True), \
         _clip_batches
 
 
@@ -62,7 +75,7 @@ def _loader(batches: list) -> DataLoader:
 
 @pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3"])
 @pytest.mark.parametrize("kind", ["metalm", "clip"])
-def test_train_checkpoint_resume_export(kind: str, strategy: str, tmp_path: Path) -> None:
+def test_train_checkpoint_resume_export(kind: str, strategy: str, tmp_path: Path, tokenizer_dir: str) -> None:
     task, batches = _make(kind)
     trainer = _trainer(tmp_path, strategy, steps=4)
     trainer.fit(task, _loader(batches(8)))
@@ -76,7 +89,7 @@ def test_train_checkpoint_resume_export(kind: str, strategy: str, tmp_path: Path
     trainer2.fit(resumed, _loader(batches(8)), ckpt_path=str(last))
     assert trainer2.global_step == 6
     # export the sharded directory: consolidated to fp32, then the usual export
-    out = export_checkpoint(last, tmp_path / "hf")
+    out = export_checkpoint(last, tmp_path / "hf", tokenizer=tokenizer_dir)
     assert (out / "config.json").is_file()
     from mmpretrain.checkpoints import read_checkpoint
     from mmpretrain.export import load_task
@@ -95,14 +108,14 @@ def test_train_checkpoint_resume_export(kind: str, strategy: str, tmp_path: Path
                                        task.model.encode_text(batch["input_ids"]), rtol=2e-2, atol=2e-2)
 
 
-def test_export_logits_equal_the_consolidated_model(tmp_path: Path) -> None:
+def test_export_logits_equal_the_consolidated_model(tmp_path: Path, tokenizer_dir: str) -> None:
     import transformers
 
     task, batches = _make("metalm")
     trainer = _trainer(tmp_path, "deepspeed_stage_3", steps=2)
     trainer.fit(task, _loader(batches(4)))
     last = find_last_checkpoint(tmp_path / "checkpoints")
-    out = export_checkpoint(last, tmp_path / "hf")
+    out = export_checkpoint(last, tmp_path / "hf", tokenizer=tokenizer_dir)
     from mmpretrain.checkpoints import read_checkpoint
     from mmpretrain.export import load_task
 
