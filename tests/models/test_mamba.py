@@ -174,6 +174,10 @@ print("ok")
 def test_mixer_on_the_triton_backend_in_the_interpreter():
     """The GPU path of the mixer (layouts, gate and biases into the fused kernel), run by Triton's interpreter."""
     pytest.importorskip("triton")
+    from tests.ops.interpreter import interpreter_usable
+
+    if not interpreter_usable():
+        pytest.skip("this triton's interpreter does not run with this numpy (triton < 3.8 with numpy >= 2.5)")
     import os
     import subprocess
     import sys
