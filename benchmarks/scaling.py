@@ -107,7 +107,7 @@ def make_workload(args: argparse.Namespace, rank: int, device: str) -> tuple[Any
     preset = args.preset or ("metalm_demo" if args.smoke else "metalm_1p3b")
     seq_len = 64 if args.smoke else args.seq_len
     vocab = 512 if args.smoke else METALM_VOCAB
-    overrides = {**(METALM_SMOKE if args.smoke else {}), "vocab_size": vocab}
+    overrides = {**(METALM_SMOKE if args.smoke else {}), **json.loads(args.overrides or "{}"), "vocab_size": vocab}
     if args.smoke:
         overrides["max_seq_len"] = seq_len
     torch.manual_seed(rank)  # synthetic_batch seeds its own generators: offset the tokens per rank below
@@ -117,7 +117,8 @@ def make_workload(args: argparse.Namespace, rank: int, device: str) -> tuple[Any
     batch["input_ids"] = (batch["input_ids"] + 7 * rank - 3) % (vocab - 3) + 3
     flops = ours_flops(overrides, preset, batch)
     task = SemiCausalLM(preset=preset, overrides={k: v for k, v in overrides.items() if k != "vocab_size"},
-                        vocab_size=vocab, bos_id=1, eos_id=2, pad_id=0, grad_checkpointing=args.recompute)
+                        vocab_size=vocab, bos_id=1, eos_id=2, pad_id=0, grad_checkpointing=args.recompute,
+                        compile=args.compile)
     return task, {k: v.to(device) for k, v in batch.items()}, flops, seq_len
 
 
@@ -197,6 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     peak = peak_flops() if cuda else float("nan")
     result: dict[str, Any] = {
         "workload": args.workload, "preset": task.preset, "strategy": args.strategy, "recompute": args.recompute,
+        "compile": args.compile,
         "gpus": world, "nodes": nodes, "per_gpu_batch": args.batch_size, "global_batch": args.batch_size * world,
         "steps": args.steps, "warmup": args.warmup, "step_s": slowest,
         "samples_per_s_per_gpu": samples, "samples_per_s": samples * world,
@@ -249,6 +251,9 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="default: clip_vit_b16 / metalm_1p3b")
     parser.add_argument("--strategy", default="ddp", help="a Lightning strategy name")
     parser.add_argument("--recompute", action="store_true", help="activation recomputation (grad_checkpointing)")
+    parser.add_argument("--compile", action="store_true", help="METALM: torch.compile each block (model.compile)")
+    parser.add_argument("--overrides", default=None,
+                        help='METALM: JSON of model arguments over the preset, e.g. \'{"dim": 5120, "layers": 40}\'')
     parser.add_argument("--batch-size", type=int, default=None, help="per GPU; default 256 (clip) / 4 (metalm)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20)
