@@ -346,7 +346,12 @@ class StepCheckpoint(ModelCheckpoint):
 
     def _preempted(self, trainer: Trainer) -> None:
         signum = self._signal_received
-        name = signal.Signals(signum).name if signum is not None else "SIGTERM"
+        if signum is not None:
+            name = signal.Signals(signum).name
+        elif trainer.received_sigterm:
+            name = "SIGTERM"
+        else:  # this rank saw no signal: another rank did, and all stop together
+            name = "a stop signal on another rank"
         env = self._requeue_environment(trainer)
         if env is not None and signum is not None and signum == env.requeue_signal:
             rank_zero_info(f"mmpretrain: {name} at step {trainer.global_step}: saving and requeueing through "

@@ -43,10 +43,12 @@ DataLoader's workers is preserved.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import multiprocessing as mp
 import random
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -541,6 +543,16 @@ class SampleMapper:
         return map_samples(samples, lambda s: self.decode(s, rng), self.stats, self.strict, self.name)
 
 
+def _init_worker(user_init: Callable[[int], None] | None, worker_id: int) -> None:
+    """Workers ignore SIGUSR1: it asks the training process to save and stop (mmpretrain.checkpoints), and a
+    scheduler that signals every process of a job (SLURM's --signal without B:) would otherwise kill the
+    workers with it, and the run with them."""
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if user_init is not None:
+        user_init(worker_id)
+
+
 class ShardLoader(DataLoader):
     """A DataLoader over a :class:`ShardStream` (batching happens in the workers), resumable mid-epoch.
 
@@ -570,6 +582,8 @@ class ShardLoader(DataLoader):
         kwargs.pop("shuffle", None)
         if kwargs.get("generator") is None:
             kwargs["generator"] = torch.Generator().manual_seed(dataset.seed)
+        if num_workers > 0:
+            kwargs["worker_init_fn"] = functools.partial(_init_worker, kwargs.get("worker_init_fn"))
         super().__init__(dataset, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
         self.stream = dataset
         # positions travel with the batches only in training streams, and only through this loader

@@ -115,3 +115,23 @@ def test_same_seed_same_stream_different_seed_differs(image_shards):
 
     assert numbers(1) == numbers(1)
     assert numbers(1) != numbers(2)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="no SIGUSR1 on this platform")
+def test_workers_ignore_sigusr1(image_shards):
+    """SIGUSR1 asks the trainer to save and stop; a scheduler that signals every process of the job must not kill
+    the data workers with it (they would die, and the run with them)."""
+    import os
+    import signal
+
+    shard_counts = [5, 3]
+    stream = make_stream(image_shards(shard_counts), shard_counts, 0, 1, 1, "eval", batch_size=1)
+    loader = ShardLoader(stream, num_workers=1)
+    iterator = iter(loader)
+    first = next(iterator)
+    (worker,) = iterator._workers
+    os.kill(worker.pid, signal.SIGUSR1)
+    rest = list(iterator)
+    assert worker.exitcode in (None, 0)
+    assert 1 + len(rest) == sum(shard_counts)
+    assert first.numel() == 1
