@@ -14,7 +14,6 @@ repeated here.
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import signal
 import socket
@@ -29,6 +28,7 @@ from lightning.pytorch import Callback
 
 from tests.conftest import write_image_shards
 from tests.tasks._rank_keys import read_keys
+from tests.tasks.test_resume import losses as train_losses
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,16 +125,6 @@ def last_checkpoint(root: Path, version: int = 0) -> dict:
     path = root / f"tb/version_{version}/checkpoints/last.ckpt"
     assert path.is_file(), f"no {path}"
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def train_losses(root: Path) -> dict[int, float]:
-    out = {}
-    for path in sorted(root.glob("csv/version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    out[int(row["step"])] = float(row["train/loss"])
-    return out
 
 
 def assert_same_weights(got: dict, expected: dict, atol: float = 1e-6) -> None:
