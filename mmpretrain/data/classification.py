@@ -41,6 +41,9 @@ class ImageLabelDataModule(ShardDataModule):
             is decoded with nvJPEG and transformed on the training device after transfer, see
             :mod:`mmpretrain.data.gpu_decode`). The device path takes random-resized crops, flips and colour
             jitter; ``auto_augment`` and random erasing need ``"cpu"``.
+        decode_verify: with ``decode_device: cuda``, check each JPEG in the worker by decoding it at 1/8 scale
+            before it goes to nvJPEG (a corrupt one is skipped and counted, as on the CPU path; nvJPEG crashed
+            the process on one instead). Set false only for shards checked beforehand (``inspect_shards``).
         **kwargs: shard, batching and worker options of :class:`ShardDataModule`.
     """
 
@@ -57,6 +60,7 @@ class ImageLabelDataModule(ShardDataModule):
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         decode_device: DecodeDevice = "cpu",
+        decode_verify: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -83,6 +87,7 @@ class ImageLabelDataModule(ShardDataModule):
                 raise ValueError(f"data.{name}: {err} (keys are timm.data.create_transform arguments)") from None
         check_decode_device(decode_device)
         self.decode_device = decode_device
+        self.decode_verify = decode_verify
         if decode_device == "cuda":  # fail at configuration time, naming the transform, not in a worker
             self.transform(train=True)
             self.transform(train=False)
@@ -114,7 +119,7 @@ class ImageLabelDataModule(ShardDataModule):
         if self.decode_device == "cpu":
             return transform
         try:
-            return DeviceImagePlanner(transform, split or ("train" if train else "val"))
+            return DeviceImagePlanner(transform, split or ("train" if train else "val"), verify=self.decode_verify)
         except UnsupportedTransform as err:
             field = "train_transform" if train else "eval_transform"
             raise ValueError(f"data.{field} with data.decode_device: cuda: {err}") from None

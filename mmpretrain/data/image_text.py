@@ -50,6 +50,9 @@ class ImageTextDataModule(ShardDataModule):
             ``"cuda"`` (workers pass the encoded bytes and the augmentation drawn for each sample; the batch
             is decoded with nvJPEG and transformed on the training device after transfer, see
             :mod:`mmpretrain.data.gpu_decode`). For when the CPU cores cannot keep the GPU fed.
+        decode_verify: with ``decode_device: cuda``, check each JPEG in the worker by decoding it at 1/8 scale
+            before it goes to nvJPEG (a corrupt one is skipped and counted, as on the CPU path; nvJPEG crashed
+            the process on one instead). Set false only for shards checked beforehand (``inspect_shards``).
         **kwargs: shard, batching and worker options of :class:`ShardDataModule`.
     """
 
@@ -69,6 +72,7 @@ class ImageTextDataModule(ShardDataModule):
         mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
         std: tuple[float, float, float] = OPENAI_CLIP_STD,
         decode_device: DecodeDevice = "cpu",
+        decode_verify: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -94,6 +98,7 @@ class ImageTextDataModule(ShardDataModule):
                 raise ValueError(f"data.templates: {t!r} has no '{{}}' for the class name")
         check_decode_device(decode_device)
         self.decode_device = decode_device
+        self.decode_verify = decode_verify
         self._warned_predecoded = False
         if decode_device == "cuda":  # fail at configuration time, naming the transform, not in a worker
             for split in ("train", "val"):
@@ -106,7 +111,7 @@ class ImageTextDataModule(ShardDataModule):
         if self.decode_device == "cpu":
             return transform
         try:
-            return DeviceImagePlanner(transform, split)
+            return DeviceImagePlanner(transform, split, verify=self.decode_verify)
         except UnsupportedTransform as err:
             field = "train_transform" if split == "train" else "eval_transform"
             raise ValueError(f"data.{field} with data.decode_device: cuda: {err}") from None

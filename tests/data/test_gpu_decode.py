@@ -95,6 +95,20 @@ def test_jpeg_header_check_accepts_what_the_device_decodes():
     assert jpeg_size(b"") is None
 
 
+def test_corrupt_scan_data_never_reaches_the_device_decoder():
+    """A JPEG whose markers look right but whose scan data is corrupt (nvJPEG segfaulted on this one instead of
+    raising): the worker's 1/8-scale verification rejects it, and the CPU path skips it as undecodable."""
+    good = encode(photo(30, 40, 3))
+    broken = good[:300] + b"\x00" * 200 + b"\xff\xd9"
+    assert jpeg_size(good) == (30, 40)
+    assert jpeg_size(broken, verify=False) == (30, 40)  # the header alone does not tell
+    assert jpeg_size(broken) is None
+    planner = DeviceImagePlanner(create_transform(16, is_training=False), "val")
+    assert planner.plan(good).data == good
+    with pytest.raises(SkipSample):
+        planner.plan(broken)
+
+
 def test_worker_passes_bytes_and_draws_the_cpu_transforms_crop_and_flip():
     transform = create_transform(64, is_training=True, hflip=0.5, interpolation="random")  # flip, jitter
     planner = DeviceImagePlanner(transform, "train")
@@ -262,7 +276,8 @@ def test_cuda_batches_match_the_cpu_path(tmp_path, tokenizer, train_transform):
 
 @cuda
 @pytest.mark.skip(reason="nvJPEG (torchvision 0.26, CUDA 13, H200, 2026-11-21) segfaults on this corrupt JPEG "
-                         "instead of raising, killing the process: see docs/scaling.md, Data at scale")
+                         "instead of raising; the worker's verification keeps such JPEGs off the device "
+                         "(test_corrupt_scan_data_never_reaches_the_device_decoder), this test hands one over directly")
 def test_cuda_decode_of_a_batch_with_a_broken_jpeg_falls_back_per_image():
     good = encode(photo(30, 40, 3))
     broken = good[:300] + b"\x00" * 200 + b"\xff\xd9"
