@@ -134,12 +134,25 @@ class Task(pl.LightningModule):
 
     # -- model ----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is None:
-            self._prepare_once()
-            self.model = self.build_model()
-            self.register_zero3_parameters()
-            if self.grad_checkpointing:
-                self.apply_recomputation(self.model)
+        """Build the model once (Lightning calls this inside the strategy's sharding context): what the data
+        tells (:meth:`prepare_build`), :meth:`build_model`, ZeRO-3 registrations, the task's initial weights
+        (:meth:`load_initial_weights`), activation recomputation, then :meth:`finish_model`."""
+        if self.model is not None:
+            return
+        self._prepare_once()
+        self.model = self.build_model()
+        self.register_zero3_parameters()
+        self.load_initial_weights()
+        if self.grad_checkpointing:
+            self.apply_recomputation(self.model)
+        self.finish_model()
+
+    def load_initial_weights(self) -> None:
+        """Load weights from elsewhere into the freshly built ``self.model`` (a task's ``init_from``); none by
+        default."""
+
+    def finish_model(self) -> None:
+        """Last touches after recomputation is set up (compilation, a moving average); none by default."""
 
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """``(module, parameter)`` pairs where ``module``'s forward uses a parameter another module owns (a tied

@@ -128,14 +128,11 @@ class ImageClassification(Task):
             raise ValueError(f"model.backbone_kwargs for {self.backbone}: {err}") from None
         return model
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        self.model = self.build_model()
+    def load_initial_weights(self) -> None:
         if self.init_from is not None:
             load_backbone_weights(self.model, self.init_from, init_head=self.init_head)
-        if self.grad_checkpointing:
-            self.apply_recomputation(self.model)
+
+    def finish_model(self) -> None:
         if self.ema_decay is not None:
             self.ema = ModelEmaV3(self.model, decay=self.ema_decay)
             self.ema.requires_grad_(False)

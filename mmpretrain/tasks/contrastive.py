@@ -176,14 +176,7 @@ class ContrastivePretraining(Task):
         except TypeError as err:
             raise ValueError(f"model.overrides for {self.preset}: {err}") from None
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        self._prepare_once()
-        self.model = self.build_model()
-        self.register_zero3_parameters()
-        if self.grad_checkpointing:
-            self.apply_recomputation(self.model)
+    def finish_model(self) -> None:
         if self.compile_model:
             self.model.compile()
 

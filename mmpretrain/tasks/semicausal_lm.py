@@ -175,12 +175,7 @@ class SemiCausalLM(Task):
         except TypeError as err:
             raise ValueError(f"model.overrides for {self.preset}: {err}") from None
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        self._prepare_once()
-        self.model = self.build_model()
-        self.register_zero3_parameters()
+    def load_initial_weights(self) -> None:
         if self.image_init_from is not None:
             if self.model.image_encoder is None:
                 raise ValueError(f"model.image_init_from is set but {self.preset} has no image encoder "
@@ -189,8 +184,8 @@ class SemiCausalLM(Task):
 
             load_backbone_weights(self.model.image_encoder, self.image_init_from)
             log.info("image encoder initialised from %s", self.image_init_from)
-        if self.grad_checkpointing:
-            self.apply_recomputation(self.model)
+
+    def finish_model(self) -> None:
         if self.compile_model:
             for blocks in (self.model.blocks, getattr(self.model.encoder, "blocks", None)):
                 for block in blocks or []:
