@@ -32,6 +32,18 @@ def _pre_activation(x_ptr, x_row, t, mask_d, L, s_l, w_ptrs, bias, K: tl.constex
 
 
 @triton.jit
+def _channel_params(w_ptr, b_ptr, offs_d, mask_d, K: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """A block of channels' bias (zeros without one) and pointers to their weight rows (weight (dim, K); masked
+    channels point at row 0)."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=CT)
+    return bias, tl.where(mask_d, w_ptr + offs_d * K, w_ptr)
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, L, sx_b, sx_d, sx_l, so_b, so_d, so_l,
                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CT: tl.constexpr):
@@ -39,12 +51,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, L, sx_b, sx_d, sx_l, so_
     t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=CT)
-    w_ptrs = tl.where(mask_d, w_ptr + offs_d * K, w_ptr)  # weight (dim, K); masked channels read row 0
-    pre = _pre_activation(x_ptr, pid_b * sx_b + offs_d * sx_d, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
+    bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
+    x_row = pid_b * sx_b + offs_d * sx_d
+    pre = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
     if SILU:
         pre = pre / (1.0 + tl.exp(-pre))
     m = (t < L)[:, None] & mask_d[None, :]
@@ -62,11 +71,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, dim,
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=CT)
-    w_ptrs = tl.where(mask_d, w_ptr + offs_d * K, w_ptr)  # weight (dim, K); masked channels read row 0
+    bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
     x_row = pid_b * sx_b + offs_d * sx_d
     g_row = pid_b * sg_b + offs_d * sg_d
     db = tl.zeros((BLOCK_D,), dtype=CT)
