@@ -5,12 +5,15 @@ Training
 Each rank encodes its ``B`` pairs; the loss (:class:`~mmpretrain.models.losses.ClipLoss` or
 :class:`~mmpretrain.models.losses.SigLipLoss`) gathers the features of every rank with gradient and scores
 the rank's own rows against all ``W B`` columns, so that training under DDP is training on the loss of the
-global batch (see :mod:`mmpretrain.models.losses`).
+global batch (see :mod:`mmpretrain.models.losses`). Ranks may hold different numbers of pairs in a step
+(``data.decode_device: cuda`` drops a sample the GPU decoder rejects after batching): the loss still is the
+global batch's, in both modes below.
 
 A global batch larger than memory: ``accumulate_micro_batches: M`` splits each rank's batch into ``M``
-micro-batches (manual optimization). All features are first computed without gradient and gathered;
-then each micro-batch is encoded again with gradient, put in place of its cached rows (its own rows and,
-through a gather with gradient, its columns on every rank), and the full-batch loss is backpropagated.
+micro-batches (manual optimization; their sizes differ by one pair where ``M`` does not divide the batch).
+All features are first computed without gradient and gathered; then each micro-batch is encoded again with
+gradient, put in place of its cached rows (its own rows and, through a gather with gradient, its columns on
+every rank), and the full-batch loss is backpropagated.
 The gradients summed over the micro-batches are exactly those of one step on the whole batch (the logit
 scale and bias, which the loss uses directly, take their gradient from the last micro-batch only), at the
 price of one extra forward pass without gradient. Stochastic layers (drop path, dropout) draw new noise
@@ -57,14 +60,17 @@ from mmpretrain.models.losses import (
     ClipLoss,
     SigLipLoss,
     clip_loss_from_features,
+    gather_row_counts,
     gather_with_grad,
+    row_divisor,
     siglip_loss_from_features,
 )
 from mmpretrain.tasks.base import Task, deepspeed_strategy, deepspeed_strategy_name
 
 log = logging.getLogger("mmpretrain")
 
-__all__ = ["ContrastivePretraining", "clip_adamw", "gather_rows", "retrieval_recall", "zero_shot_accuracy"]
+__all__ = ["ContrastivePretraining", "clip_adamw", "gather_rows", "micro_batch_sizes", "retrieval_recall",
+           "zero_shot_accuracy"]
 
 RECALL_AT = (1, 5, 10)
 
@@ -94,8 +100,9 @@ class ContrastivePretraining(Task):
             builds the prompts (``zero_shot_prompts()``: its templates, its tokenizer). Names the classes
             ``predict`` assigns.
         accumulate_micro_batches: split each batch into this many micro-batches with exact gradient
-            accumulation (see the module docstring); the batch size must be divisible by it. The global
-            batch is ``world size x data.batch_size``, whatever this number.
+            accumulation (see the module docstring); best a divisor of the batch size (otherwise the
+            micro-batches differ by one pair). The global batch is ``world size x data.batch_size``, whatever
+            this number.
         max_logit_scale: upper bound of the log logit scale, applied after every optimizer step.
         compile: ``torch.compile`` the model in place (checkpoint keys are unchanged). Not under DeepSpeed ZeRO
             stage 3.
@@ -324,14 +331,13 @@ class ContrastivePretraining(Task):
             safe_set_full_fp32_param(param, clamped)
 
     def _micro_batches(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's images and token rows in ``accumulate_micro_batches`` parts
+        (:func:`micro_batch_sizes`)."""
         images, tokens = batch["image"], batch["input_ids"]
+        if tokens.shape[0] != images.shape[0]:
+            raise ValueError(f"batch: {images.shape[0]} images but {tokens.shape[0]} input_ids rows")
         count = self.accumulate_micro_batches
-        if images.shape[0] % count:
-            raise ValueError(
-                f"model.accumulate_micro_batches ({count}) must divide the batch ({images.shape[0]} pairs): set "
-                f"data.batch_size to a multiple of it"
-            )
-        return list(images.chunk(count)), list(tokens.chunk(count))
+        return list(images.tensor_split(count)), list(tokens.tensor_split(count))
 
     def accumulate_gradients(self, batch: dict[str, Any]) -> torch.Tensor:
         """Backpropagate the global-batch loss micro-batch by micro-batch; returns the loss (detached).
@@ -339,34 +345,42 @@ class ContrastivePretraining(Task):
         The parameters' gradients afterwards equal those of ``compute_loss(model, batch)["loss"].backward()``
         (with ``M`` micro-batches: ``M`` forward passes without gradient, ``M`` with). Under a trainer,
         backward goes through Lightning (precision, DDP), and DDP synchronises only the last micro-batch's.
+        Ranks may hold different numbers of pairs: their counts are gathered once (one small collective) and
+        give every rank's micro-batch sizes, so each later gather is a single collective.
         """
         model = self.model
         images, tokens = self._micro_batches(batch)
         count = len(images)
-        rank, world = _rank_and_world()
+        rank, _ = _rank_and_world()
+        local = batch["image"].shape[0]
+        sizes = gather_row_counts(local, device=batch["image"].device)
+        # rows of micro-batch m on each rank: what each rank's own tensor_split gives
+        micro = [micro_batch_sizes(n, count) for n in sizes]
+        offset, divide_by = sum(sizes[:rank]), row_divisor(sizes)
         with torch.no_grad():
             cached_image = torch.cat([model.encode_image(x) for x in images])
             cached_text = torch.cat([model.encode_text(t) for t in tokens])
-            all_image = gather_with_grad(cached_image) if not self.siglip else None
-            all_text = gather_with_grad(cached_text)
-        local = cached_image.shape[0]
+            all_image = gather_with_grad(cached_image, sizes=sizes) if not self.siglip else None
+            all_text = gather_with_grad(cached_text, sizes=sizes)
         for m in range(count):
             last = m == count - 1
+            live = [rows[m] for rows in micro]  # every rank's rows in micro-batch m
             with self._backward_sync(enabled=last):
                 image = model.encode_image(images[m])
                 text = model.encode_text(tokens[m])
                 # the logit scale and bias enter the loss directly: their gradient is taken once
                 scale = model.logit_scale.exp() if last else model.logit_scale.detach().exp()
-                rows_image = _splice(cached_image, image, m, count, 1)
-                rows_text = _splice(cached_text, text, m, count, 1)
-                cols_text = _splice(all_text, gather_with_grad(text), m, count, world)
+                rows_image = _splice(cached_image, image, m, [micro[rank]])
+                rows_text = _splice(cached_text, text, m, [micro[rank]])
+                cols_text = _splice(all_text, gather_with_grad(text, sizes=live), m, micro)
                 if self.siglip:
                     bias = model.logit_bias if last else model.logit_bias.detach()
-                    loss = siglip_loss_from_features(rows_image, rows_text, scale, bias, cols_text, offset=rank * local)
+                    loss = siglip_loss_from_features(rows_image, rows_text, scale, bias, cols_text,
+                                                     offset=offset, divide_by=divide_by)
                 else:
-                    cols_image = _splice(all_image, gather_with_grad(image), m, count, world)
+                    cols_image = _splice(all_image, gather_with_grad(image, sizes=live), m, micro)
                     loss = clip_loss_from_features(rows_image, rows_text, scale, cols_image, cols_text,
-                                                   offset=rank * local)
+                                                   offset=offset, divide_by=divide_by)
                 self._backward(loss)
         return loss.detach()  # every micro-batch's loss has the value of the whole batch's
 
@@ -505,12 +519,23 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _splice(cached: torch.Tensor, live: torch.Tensor, m: int, count: int, world: int) -> torch.Tensor:
-    """``cached`` rows ``(world * count * b, D)`` (rank-major, then micro-batch) with micro-batch ``m`` of
-    every rank replaced by ``live`` ``(world * b, D)``."""
-    d = cached.shape[-1]
-    blocks = cached.view(world, count, -1, d)
-    return torch.cat([blocks[:, :m], live.view(world, 1, -1, d), blocks[:, m + 1:]], dim=1).reshape(-1, d)
+def micro_batch_sizes(rows: int, count: int) -> list[int]:
+    """Sizes of the ``count`` micro-batches of ``rows`` pairs, as ``Tensor.tensor_split(count)`` cuts them:
+    the first ``rows % count`` one pair larger (some empty when ``rows < count``)."""
+    base, extra = divmod(rows, count)
+    return [base + (i < extra) for i in range(count)]
+
+
+def _splice(cached: torch.Tensor, live: torch.Tensor, m: int, micro: list[list[int]]) -> torch.Tensor:
+    """``cached`` rows (rank-major, then micro-batch; ``micro[r][j]`` rows in micro-batch ``j`` of rank ``r``)
+    with micro-batch ``m`` of every rank replaced by ``live`` (those micro-batches' rows, in rank order)."""
+    parts, start, live_start = [], 0, 0
+    for rows in micro:
+        before, size = sum(rows[:m]), rows[m]
+        parts += [cached[start:start + before], live[live_start:live_start + size],
+                  cached[start + before + size:start + sum(rows)]]
+        start, live_start = start + sum(rows), live_start + size
+    return torch.cat(parts)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:

@@ -13,7 +13,12 @@ import torch.nn.functional as F
 
 from mmpretrain.data.image_text import ImageTextDataModule
 from mmpretrain.optim import WarmupCosine
-from mmpretrain.tasks.contrastive import ContrastivePretraining, retrieval_recall, zero_shot_accuracy
+from mmpretrain.tasks.contrastive import (
+    ContrastivePretraining,
+    micro_batch_sizes,
+    retrieval_recall,
+    zero_shot_accuracy,
+)
 from tests.distributed import gloo_group
 
 TINY = dict(
@@ -55,7 +60,7 @@ def grads(task: ContrastivePretraining) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
-@pytest.mark.parametrize("micro", [2, 4])
+@pytest.mark.parametrize("micro", [2, 4, 3, 10], ids=["2", "4", "3-not-a-divisor", "10-some-empty"])
 def test_accumulated_gradients_equal_those_of_the_whole_batch(siglip, micro):
     batch = pairs(8)
     whole = make_task(siglip=siglip)
@@ -72,46 +77,57 @@ def test_accumulated_gradients_equal_those_of_the_whole_batch(siglip, micro):
     torch.testing.assert_close(acc_loss, loss.detach())
 
 
-def test_micro_batches_must_divide_the_batch():
-    task = make_task(accumulate_micro_batches=3)
-    with pytest.raises(ValueError, match="data.batch_size to a multiple"):
-        task.accumulate_gradients(pairs(8))
+def test_micro_batch_sizes_follow_tensor_split():
+    for rows, count in ((8, 2), (8, 3), (7, 4), (3, 5), (0, 2)):
+        expected = [len(part) for part in torch.arange(rows).tensor_split(count)]
+        assert micro_batch_sizes(rows, count) == expected, (rows, count)
 
 
 # ----------------------------------------------------------------------------------- two gloo ranks
 
 WORLD, BATCH = 2, 8
+# pairs per rank in a step: equal, one rank short (a sample the GPU decoder dropped after batching), and so
+# short that some of its micro-batches are empty
+SHARES = ((4, 4), (5, 3), (7, 1))
+
+
+def _check_global_batch(rank: int, shares: tuple[int, int]) -> None:
+    batch = pairs(sum(shares))
+    start = sum(shares[:rank])
+    local_batch = {k: v[start:start + shares[rank]] for k, v in batch.items()}
+    for siglip in (False, True):
+        # the reference: one process with the whole batch (no process group is consulted for it)
+        reference = make_task(siglip=siglip)
+        img, txt, scale, bias = reference.model(batch["image"], batch["input_ids"])
+        from mmpretrain.models.losses import clip_loss_from_features, siglip_loss_from_features
+
+        ref_loss = (siglip_loss_from_features(img, txt, scale, bias) if siglip
+                    else clip_loss_from_features(img, txt, scale))
+        ref_loss.backward()
+        expected = grads(reference)
+        for micro in (1, 2, 3):
+            task = make_task(siglip=siglip, accumulate_micro_batches=micro)
+            if micro == 1:
+                loss = task.compute_loss(task.model, local_batch)["loss"]
+                loss.backward()
+            else:
+                loss = task.accumulate_gradients(local_batch)
+            where = f"shares={shares} siglip={siglip} micro={micro}"
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            torch.testing.assert_close(mean_loss / WORLD, ref_loss.detach(), msg=where)
+            for name, p in task.model.named_parameters():  # what DDP does: average over the ranks
+                grad = p.grad.clone()
+                dist.all_reduce(grad)
+                torch.testing.assert_close(grad / WORLD, expected[name], msg=f"{where} {name}")
 
 
 def _worker(rank: int, init_file: str) -> None:
+    torch.set_num_threads(1)  # two ranks on a 2-core machine: more threads only contend
     with gloo_group(rank, WORLD, init_file):
+        for shares in SHARES:
+            _check_global_batch(rank, shares)
         batch = pairs(BATCH)
-        local = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-        local_batch = {k: v[local] for k, v in batch.items()}
-        for siglip in (False, True):
-            # the reference: one process with the whole batch (no process group is consulted for it)
-            reference = make_task(siglip=siglip)
-            img, txt, scale, bias = reference.model(batch["image"], batch["input_ids"])
-            from mmpretrain.models.losses import clip_loss_from_features, siglip_loss_from_features
-
-            ref_loss = (siglip_loss_from_features(img, txt, scale, bias) if siglip
-                        else clip_loss_from_features(img, txt, scale))
-            ref_loss.backward()
-            expected = grads(reference)
-            for micro in (1, 2):
-                task = make_task(siglip=siglip, accumulate_micro_batches=micro)
-                if micro == 1:
-                    loss = task.compute_loss(task.model, local_batch)["loss"]
-                    loss.backward()
-                else:
-                    loss = task.accumulate_gradients(local_batch)
-                mean_loss = loss.detach().clone()
-                dist.all_reduce(mean_loss)
-                torch.testing.assert_close(mean_loss / WORLD, ref_loss.detach())
-                for name, p in task.model.named_parameters():  # what DDP does: average over the ranks
-                    grad = p.grad.clone()
-                    dist.all_reduce(grad)
-                    torch.testing.assert_close(grad / WORLD, expected[name], msg=f"siglip={siglip} micro={micro} {name}")
 
         # evaluation: uneven shares of the validation set (one rank with none at all), gathered, give the
         # single-process figures
@@ -137,8 +153,9 @@ def _worker(rank: int, init_file: str) -> None:
 
 
 def test_two_gloo_ranks_train_on_the_global_batch(tmp_path):
-    """Loss and DDP-averaged gradients of 2 ranks x 4 pairs, with and without accumulation, equal one
-    process on all 8; evaluation metrics gathered from both ranks equal the single-process ones."""
+    """Loss and DDP-averaged gradients of 2 ranks holding 4+4, 5+3 or 7+1 pairs, with and without exact
+    accumulation (2 and 3 micro-batches), equal one process on all the pairs; evaluation metrics gathered
+    from both ranks equal the single-process ones."""
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
 
 
