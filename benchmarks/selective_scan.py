@@ -180,7 +180,8 @@ def main():
                    help="memory layout of u, delta, z, B, C (channels_last is what the Vim mixer passes)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--triton", nargs="*", default=["default", "32:8:4:64"],
-                   help="triton launch configurations to time: 'default', or block_d:block_d_bwd:sub_chunk:chunk")
+                   help="triton launch configurations to time: 'default', block_d:block_d_bwd:sub_chunk:chunk, or "
+                        "TritonConfig fields over the defaults, e.g. sub_chunk_bwd=1,bc_reduce=partial")
     p.add_argument("--skip", nargs="*", default=[], choices=["reference", "torch"],
                    help="backends to leave out (the first one timed is the accuracy baseline)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per triton configuration")
@@ -207,7 +208,14 @@ def main():
 
         for spec in args.triton:
             cfg = TritonConfig()
-            if spec != "default":
+            if "=" in spec:  # TritonConfig fields over the defaults: key=value,key=value
+                fields = {}
+                for item in spec.split(","):
+                    key, value = item.split("=")
+                    fields[key] = int(value) if value.lstrip("-").isdigit() else {"true": True, "false": False}.get(
+                        value, value)
+                cfg = TritonConfig(**fields)
+            elif spec != "default":
                 bd, bd_bwd, sub, chunk = (int(n) for n in spec.split(":"))
                 cfg = TritonConfig(block_d=bd, block_d_bwd=bd_bwd, sub_chunk=sub, chunk=chunk)
             fn = functools.partial(selective_scan_triton, **flags, config=cfg)

@@ -98,13 +98,15 @@ def test_triton_layouts_directions_splits(device, reverse, splits, layout):
 
 @needs_triton
 @pytest.mark.parametrize("device", triton_devices())
-def test_triton_splits_long_grouped(device):
-    """Many splits over a long sequence with grouped B/C and no D or z: the carries chain through every split."""
+@pytest.mark.parametrize("bwd", [{}, {"sub_chunk_bwd": 1}], ids=["sub4", "sub1_bwd"])
+def test_triton_splits_long_grouped(device, bwd):
+    """Many splits over a long sequence with grouped B/C and no D or z: the carries chain through every split.
+    Also the backward with tiles of a different length than the forward's (one step)."""
     batch, dim, N = (1, 4, 4) if device == "cpu" else (2, 64, 16)
     dtype = torch.float64 if device == "cpu" else torch.float32
     t, flags = make_inputs(batch, dim, 301, N, 2, "z_bias_last", dtype, device, seed=23)
-    got = run_with_grads(_triton(chunk=16, sub_chunk=4, splits=7), t, flags)
-    assert_matches(got, reference_of(t, flags), RTOL[dtype], "triton 7 splits", ATOL[dtype])
+    got = run_with_grads(_triton(chunk=16, sub_chunk=4, splits=7, **bwd), t, flags)
+    assert_matches(got, reference_of(t, flags), RTOL[dtype], f"triton 7 splits {bwd}", ATOL[dtype])
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

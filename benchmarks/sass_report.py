@@ -1,0 +1,159 @@
+"""Compile Triton kernels for a GPU on a machine without one, and report what the compiler made of them.
+
+For each kernel: registers per thread, spilled bytes (local memory), shared memory, and a count of the SASS
+instructions that usually explain a memory-bound kernel's gap (global loads and stores and their widths,
+special-function calls, shuffles, barriers, shared-memory traffic, fused multiply-adds). Nothing runs: the
+kernels are compiled for ``--arch`` (default sm_90, Hopper) with Triton's bundled ptxas, so the numbers are
+free of device time. They are the compiler's static view: instructions in the code, not executed counts.
+
+    python benchmarks/sass_report.py                      # the selective scan kernels at Vim-Ti's shapes
+    python benchmarks/sass_report.py --sass OUT_DIR       # also write each kernel's SASS there
+
+The Triton here may differ from the GPU machine's by a version; registers move by a few between versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+# SASS opcode prefixes worth counting, and the name they are shown under
+_CLASSES = {
+    "LDG": "ld.global", "STG": "st.global", "LDS": "ld.shared", "STS": "st.shared", "LDL": "ld.local",
+    "STL": "st.local", "RED": "red/atomic", "ATOM": "red/atomic", "MUFU": "mufu", "SHFL": "shfl",
+    "BAR": "bar", "FFMA": "ffma", "FMUL": "fmul", "FADD": "fadd", "F2F": "cvt", "F2FP": "cvt", "HADD2": "half2",
+    "HFMA2": "half2", "IMAD": "imad", "ISETP": "isetp", "FSETP": "fsetp", "FSEL": "fsel", "BRA": "branch",
+    "LDGSTS": "cp.async",
+}
+
+
+def compile_kernel(fn, signature: dict[str, str], constexprs: dict, num_warps: int, arch: int = 90,
+                   divisible: tuple[str, ...] = ()):
+    """Compile ``fn`` for ``sm_{arch}``. ``signature``: every runtime argument's Triton type ("*bf16", "i32", ...),
+    constexprs included as "constexpr"; ``divisible``: arguments to specialise as multiples of 16 (as Triton does
+    at launch for aligned pointers and such integers)."""
+    names = list(fn.arg_names)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def report(kernel, label: str, sass_dir: Path | None = None) -> dict:
+    """Registers, spills and SASS instruction counts of a compiled kernel (see the module docstring)."""
+    cubin = kernel.asm["cubin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([str(_BIN / "cuobjdump"), "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([str(_BIN / "nvdisasm"), "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
+    counts: collections.Counter = collections.Counter()
+    widths: collections.Counter = collections.Counter()
+    for line in sass.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?", line)
+        if not m:
+            continue
+        op, mods = m.group(1), m.group(2) or ""
+        for prefix, name in _CLASSES.items():
+            if op == prefix or (op.startswith(prefix) and prefix in ("LDG", "STG", "BAR", "RED", "ATOM")):
+                counts[name] += 1
+                if prefix in ("LDG", "STG"):
+                    w = re.search(r"\.(8|16|32|64|128|U8|U16|S16)\b", mods)
+                    widths[f"{name}.{w.group(1) if w else '32'}"] += 1
+                break
+        counts["all"] += 1
+    if sass_dir is not None:
+        sass_dir.mkdir(parents=True, exist_ok=True)
+        (sass_dir / f"{label}.sass").write_text(sass)
+    return dict(label=label, regs=regs, stack=stack, shared=shared, counts=counts, widths=widths)
+
+
+def print_reports(rows: list[dict]) -> None:
+    keys = ["all", "ld.global", "st.global", "red/atomic", "ld.shared", "st.shared", "ld.local", "mufu", "ffma",
+            "fmul", "fadd", "shfl", "bar", "branch"]
+    print(f"{'kernel':40s} {'regs':>4s} {'stack':>5s} {'smem':>6s} " + " ".join(f"{k[:9]:>9s}" for k in keys))
+    for r in rows:
+        print(f"{r['label']:40s} {r['regs']:4d} {r['stack']:5d} {r['shared']:6d} "
+              + " ".join(f"{r['counts'].get(k, 0):9d}" for k in keys))
+        print(f"{'':40s} widths: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["widths"].items())))
+
+
+def _vim_args(fn, aligned_bc: bool) -> tuple[dict, tuple[str, ...]]:
+    """The specialisation Triton's launcher gives the scan kernels' integer and pointer arguments at Vim-Ti's
+    shapes (dim 384, N 16, L 197, channels-contiguous activations): arguments equal to 1 become constants,
+    multiples of 16 (and 16-byte aligned pointers) are marked divisible. ``aligned_bc``: B and C are the
+    (batch, groups, L, N) copies the wrapper makes (aligned, N contiguous) rather than views of x_proj's output
+    (offsets of 12 and 28 elements, row stride 44)."""
+    dim, L, N, R = 384, 197, 16, 12
+    values = dict(dim=dim, L=L, N=N, su_b=L * dim, su_d=1, su_l=dim, sdt_b=L * dim, sdt_d=1, sdt_l=dim,
+                  sz_b=L * 2 * dim, sz_d=1, sz_l=2 * dim, so_b=L * dim, so_d=1, so_l=dim, sg_b=L * dim, sg_d=1,
+                  sg_l=dim)
+    for m in "BC":
+        values.update({f"s{m}_b": L * N if aligned_bc else L * (R + 2 * N), f"s{m}_g": 0, f"s{m}_n": 1,
+                       f"s{m}_l": N if aligned_bc else R + 2 * N})
+    const = {k: v for k, v in values.items() if v == 1 and k in fn.arg_names}
+    div = [k for k, v in values.items() if v != 1 and v % 16 == 0 and k in fn.arg_names]
+    div += [a for a in fn.arg_names if a.endswith("_ptr") and (aligned_bc or a not in ("B_ptr", "C_ptr"))]
+    return const, tuple(div)
+
+
+def _scan_rows(sass_dir: Path | None, aligned_bc: bool = False, fast: bool = True, partial: bool = False) -> list[dict]:
+    """The selective scan kernels as the Vim mixer launches them (bf16 activations, softplus, D, z, bias)."""
+    from mmpretrain.ops.selective_scan import triton_kernels as tk
+
+    cfg = tk.TritonConfig()
+    rows = []
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, CT=tk.tl.float32,
+                 BLOCK_N=16, CHUNK=cfg.chunk, SUB=cfg.sub_chunk)
+    types = {"u_ptr": "*bf16", "delta_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "z_ptr": "*bf16",
+             "out_ptr": "*bf16", "dout_ptr": "*bf16", "du_ptr": "*bf16", "ddelta_ptr": "*bf16", "dz_ptr": "*bf16"}
+    for name, fn, block, warps, extra in (
+        ("fwd", tk._fwd_kernel, cfg.block_d, cfg.num_warps, dict(LOCAL=False, HAS_INIT=False, FAST_EXP=fast)),
+        ("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.num_warps_bwd,
+         dict(LOCAL=False, HAS_CARRY=False, FAST_EXP=fast, BC_PARTIAL=partial)),
+    ):
+        ones, div = _vim_args(fn, aligned_bc)
+        const = dict(flags, BLOCK_D=block, **extra, **ones)
+        sig = {}
+        for arg in fn.arg_names:
+            if arg in const:
+                sig[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                sig[arg] = types.get(arg, "*fp32")
+            else:
+                sig[arg] = "i32"
+        k = compile_kernel(fn, sig, const, warps or max(1, block // 32), divisible=div)
+        label = f"scan_{name}_bd{block}" + "_alignedBC" * aligned_bc + "_exp" * (not fast) + "_partial" * partial
+        rows.append(report(k, label, sass_dir))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sass", type=Path, default=None, help="write each kernel's SASS into this directory")
+    args = p.parse_args()
+    print_reports(_scan_rows(args.sass, fast=False) + _scan_rows(args.sass) + _scan_rows(args.sass, partial=True))
+
+
+if __name__ == "__main__":
+    main()
