@@ -17,7 +17,9 @@ directory, exactly where it stopped (docs/reliability.md).
 Strategies (docs/scaling.md): ``--trainer.strategy ddp``, ``deepspeed_stage_1``, ``deepspeed_stage_2``,
 ``deepspeed_stage_2_offload``, ``deepspeed_stage_3``, ``deepspeed_stage_3_offload``, or a DeepSpeed JSON file
 through ``class_path: lightning.pytorch.strategies.DeepSpeedStrategy`` with ``init_args: {config: PATH}``
-(recipes/deepspeed/). The name, the package and the config file are checked before anything is built.
+(recipes/deepspeed/). The name, the package and the config file are checked before anything is built; a
+relative ``PATH`` is taken from the current directory if the file is there, else from the directory of the
+recipe that set it (``config: ../deepspeed/zero3_offload.json`` in recipes/metalm/ works from anywhere).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -96,7 +100,7 @@ class MMPretrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_strategy_setting(config.trainer.strategy)
+        check_strategy_setting(config.trainer.strategy, config_files(self.config, self.subcommand))
         # the default loggers write under trainer.default_root_dir, wherever the user moved it
         root = config.trainer.default_root_dir
         loggers = config.trainer.logger
@@ -155,12 +159,74 @@ DEFAULT_ROOT = "runs"
 DEEPSPEED_INSTALL = "pip install 'mmpretrain[deepspeed]'"
 
 
-def check_strategy_setting(strategy: Any) -> None:
+def config_files(config: Any, subcommand: str | None = None) -> list[Path]:
+    """The ``--config`` files of a parsed command line, absolute, in the order given (later ones override):
+    those before the subcommand, then the subcommand's own."""
+    found: list[Path] = []
+    spaces = [config] + ([config.get(subcommand)] if subcommand else [])
+    for space in spaces:
+        given = space.get("config") if space is not None and hasattr(space, "get") else None
+        for path in given or []:
+            # jsonargparse keeps the directory it was parsed from: ``absolute`` does not depend on a later chdir
+            found.append(Path(getattr(path, "absolute", None) or Path(os.fspath(path)).resolve()))
+    return found
+
+
+def _strategy_config_in(recipe: Path) -> Any:
+    """``trainer.strategy.init_args.config`` as written in a recipe (at its top or under a subcommand's key),
+    or ``None``."""
+    try:
+        doc = yaml.safe_load(recipe.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    for space in [doc, *(v for v in doc.values() if isinstance(v, dict))]:
+        node: Any = space
+        for key in ("trainer", "strategy", "init_args", "config"):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return None
+
+
+def resolve_strategy_config(path: str | os.PathLike, recipes: Sequence[str | os.PathLike] = ()) -> Path:
+    """The DeepSpeed config file that ``trainer.strategy.init_args.config`` names.
+
+    A relative ``path`` is looked up as given (relative to the current directory) and, if no file is there,
+    relative to the directory of the recipe that set it: the last of ``recipes`` (the ``--config`` files, in
+    order) that writes this value. Raises ``ValueError`` naming every place it looked.
+    """
+    given = Path(path)
+    places = [(given, "as given")]
+    if not given.is_absolute():
+        places[0] = (given, "relative to the current directory")
+        for recipe in reversed([Path(r) for r in recipes]):
+            value = _strategy_config_in(recipe)
+            if value is not None and os.fspath(value) == os.fspath(path):
+                places.append((recipe.parent / given, f"relative to the recipe {recipe} that set it"))
+                break
+    for place, _ in places:
+        if place.is_file():
+            return place
+    looked = "; ".join(f"{os.path.abspath(place)} ({why})" for place, why in places)
+    raise ValueError(f"trainer.strategy.init_args.config {os.fspath(path)}: no such DeepSpeed config file; looked "
+                     f"for {looked}. Give a path relative to the recipe or the current directory, or an absolute "
+                     f"one (see recipes/deepspeed/ for examples)")
+
+
+def check_strategy_setting(strategy: Any, recipes: Sequence[str | os.PathLike] = ()) -> None:
     """Fail before anything is built when ``trainer.strategy`` names no strategy, names DeepSpeed without the
     package installed, or gives a DeepSpeed config file that does not exist. ``strategy``: the config's value
-    (a name, a ``class_path``/``init_args`` namespace or dict, or an instance)."""
+    (a name, a ``class_path``/``init_args`` namespace or dict, or an instance).
+
+    A relative DeepSpeed config path is found by :func:`resolve_strategy_config` (the current directory, then
+    the directory of the recipe among ``recipes``, the ``--config`` files, that set it); found beside the
+    recipe, the path in ``strategy``'s ``init_args`` is replaced by the file's absolute path, so that the
+    strategy reads the file that was checked."""
     if strategy is None:
         return
+    init_args: Any = None
     if isinstance(strategy, str):
         names = StrategyRegistry.available_strategies()
         if strategy != "auto" and strategy not in names:
@@ -173,21 +239,22 @@ def check_strategy_setting(strategy: Any) -> None:
     else:
         get = strategy.get if isinstance(strategy, dict) or hasattr(strategy, "get") else None
         class_path = get("class_path") if get is not None else None
-        if class_path is None:  # an instance
+        if class_path is None:  # an instance: it has read its config already
             class_path = f"{type(strategy).__module__}.{type(strategy).__qualname__}"
-            init_args = {"config": getattr(strategy, "config", None)} if "DeepSpeed" in class_path else {}
+            config = getattr(strategy, "config", None) if "DeepSpeed" in class_path else None
         else:
             init_args = get("init_args") or {}
+            config = init_args.get("config") if hasattr(init_args, "get") else None
         deepspeed, shown = "deepspeed" in str(class_path).lower(), str(class_path)
-        config = init_args.get("config") if hasattr(init_args, "get") else None
     if not deepspeed:
         return
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"trainer.strategy {shown} needs DeepSpeed, which is not installed: {DEEPSPEED_INSTALL} "
                          f"(on a CUDA machine), or use trainer.strategy ddp")
-    if isinstance(config, (str, os.PathLike)) and not Path(config).is_file():
-        raise ValueError(f"trainer.strategy.init_args.config {config}: no such DeepSpeed config file (see "
-                         f"recipes/deepspeed/ for examples)")
+    if isinstance(config, (str, os.PathLike)):
+        found = resolve_strategy_config(config, recipes)
+        if found != Path(config) and init_args is not None and hasattr(init_args, "__setitem__"):
+            init_args["config"] = str(found.resolve())
 
 
 def default_trainer_settings() -> dict[str, Any]:
