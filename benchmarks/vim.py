@@ -3,6 +3,7 @@
     python benchmarks/vim.py --out vim.json                      # the issue's four workloads, Vim-Ti vs DeiT-Ti
     python benchmarks/vim.py --models vim_tiny vim_tiny+ckpt deit_tiny_patch16_224 --workloads train@1248x16
     python benchmarks/vim.py --task --workloads train@224x256    # also our ImageClassification via Lightning
+    python benchmarks/vim.py --models vim_tiny --workloads train@224x256 --profile 25   # where the step's time goes
     python benchmarks/vim.py --smoke                             # CPU, tiny sizes: checks the script runs
 
 Workloads are ``train@SIZExBATCH`` or ``infer@SIZExBATCH``; the defaults are training and inference at 224
@@ -108,9 +109,33 @@ def time_steps(step: Callable[[], object], steps: int, warmup: int, device: torc
     return times
 
 
+def profile_steps(step: Callable[[], object], steps: int, top: int) -> dict[str, Any]:
+    """GPU time per step: in all and for the ``top`` kernels (torch.profiler over ``steps`` steps, after the
+    timed ones), with the step's wall time over the same steps: their difference is time the GPU waited."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    kernels: dict[str, tuple[float, int]] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0.0)
+        if us and "CUDA" in str(getattr(evt, "device_type", "")):
+            kernels[evt.key] = (us / 1e3 / steps, evt.count // steps)
+    gpu_ms = sum(ms for ms, _ in kernels.values())
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"wall_ms_profiled": wall_ms, "gpu_ms": gpu_ms, "launches": sum(n for _, n in kernels.values()),
+            "top_kernels": [{"kernel": k[:110], "ms": ms, "calls": n} for k, (ms, n) in ranked]}
+
+
 def bench_model(spec: str, mode: str, size: int, batch: int, steps: int, warmup: int, num_classes: int,
-                device: torch.device, extra: dict[str, Any]) -> dict[str, Any]:
-    """One model on one workload: a plain loop, bf16 autocast on CUDA (float32 on CPU)."""
+                device: torch.device, extra: dict[str, Any], profile: int = 0) -> dict[str, Any]:
+    """One model on one workload: a plain loop, bf16 autocast on CUDA (float32 on CPU); with ``profile``, the
+    top kernels of the step too (:func:`profile_steps`)."""
     name, flags = parse_model(spec)
     model = build(name, size, num_classes, extra).to(device)
     if "ckpt" in flags:
@@ -143,8 +168,11 @@ def bench_model(spec: str, mode: str, size: int, batch: int, steps: int, warmup:
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory"}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else math.nan
-    return {"step_s": statistics.median(times), "peak_gib": peak,
-            "params": sum(p.numel() for p in model.parameters())}
+    out = {"step_s": statistics.median(times), "peak_gib": peak,
+           "params": sum(p.numel() for p in model.parameters())}
+    if profile and device.type == "cuda":
+        out["profile"] = profile_steps(train_step if train else infer_step, 3, profile)
+    return out
 
 
 def bench_task(name: str, batch: int, steps: int, warmup: int, num_classes: int) -> dict[str, Any]:
@@ -166,6 +194,9 @@ def main() -> None:
                              "train@224 workloads, for each model without options")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes (depth 2, 64 px, batch 2, 2 steps)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="also profile 3 steps of each loop run: GPU time per step, kernel launches, and the TOP "
+                             "kernels by GPU time (printed after the table)")
     args = parser.parse_args()
 
     if args.smoke:
@@ -198,7 +229,8 @@ def main() -> None:
                 runs.append("task")
             for how in runs:
                 if how == "loop":
-                    r = bench_model(spec, mode, size, batch, steps, warmup, args.num_classes, device, extra)
+                    r = bench_model(spec, mode, size, batch, steps, warmup, args.num_classes, device, extra,
+                                    args.profile)
                 else:
                     r = bench_task(name, batch, steps, warmup, args.num_classes)
                 r.update(workload=workload, model=spec, how=how, mode=mode, image_size=size, batch=batch,
@@ -206,7 +238,7 @@ def main() -> None:
                 if "step_s" in r:
                     r.update(samples_per_s=batch / r["step_s"], mfu=flops / r["step_s"] / peak)
                 rows.append(r)
-                print(json.dumps(r), flush=True)
+                print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
 
     print(f"\n{'workload':16} {'model':28} {'how':5} {'samples/s':>10} {'MFU':>7} {'peak GiB':>9} "
           f"{'x anchor':>9} {'mem x':>6}")
@@ -220,6 +252,13 @@ def main() -> None:
         mem = r["peak_gib"] / anchor["peak_gib"] if anchor and anchor["peak_gib"] else math.nan
         print(f"{r['workload']:16} {r['model']:28} {r['how']:5} {r['samples_per_s']:10.1f} {100 * r['mfu']:6.1f}% "
               f"{r['peak_gib']:9.2f} {speed:8.2f}x {mem:5.2f}x")
+    for r in rows:
+        if "profile" in r:
+            prof = r["profile"]
+            print(f"\n{r['workload']} {r['model']}: step {prof['wall_ms_profiled']:.1f} ms wall, "
+                  f"{prof['gpu_ms']:.1f} ms GPU, {prof['launches']} kernel launches per step")
+            for k in prof["top_kernels"]:
+                print(f"  {k['ms']:8.2f} ms {k['calls']:5d} x  {k['kernel']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
