@@ -227,6 +227,9 @@ class Task(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         self.configure_model()
         optimizer = self.optimizer_factory(self.parameter_groups())
+        strategy = deepspeed_strategy(self._trainer)
+        if strategy is not None:
+            optimizer = cpu_optimizer_for_offload(optimizer, strategy)
         if self.lr_reference_batch is not None:
             scale = self.global_batch_size() / self.lr_reference_batch
             optimizer.defaults["lr"] *= scale
@@ -466,6 +469,43 @@ def deepspeed_strategy(trainer: Any) -> DeepSpeedStrategy | None:
     """The trainer's strategy when it is Lightning's DeepSpeed strategy, else None (no trainer included)."""
     strategy = getattr(trainer, "strategy", None) if trainer is not None else None
     return strategy if isinstance(strategy, DeepSpeedStrategy) else None
+
+
+# torch's per-group switches that DeepSpeed's CPU Adam has no use for
+_TORCH_ADAM_SWITCHES = ("foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad",
+                        "decoupled_weight_decay")
+
+
+def cpu_optimizer_for_offload(optimizer: torch.optim.Optimizer, strategy: DeepSpeedStrategy) -> torch.optim.Optimizer:
+    """The optimizer to hand DeepSpeed: ``optimizer`` itself, or, when the strategy offloads the optimizer to the
+    CPU (``deepspeed_stage_*_offload``, or ``zero_optimization.offload_optimizer`` in a JSON config), the same
+    Adam or AdamW as DeepSpeed's ``DeepSpeedCPUAdam`` over the same parameter groups. DeepSpeed refuses a PyTorch
+    optimizer there (its CPU step would be the slow path) unless the config sets
+    ``zero_force_ds_cpu_optimizer: false``; other optimizers fail here with what to do.
+
+    ``DeepSpeedCPUAdam`` is compiled on first use (DeepSpeed's C++ extension, about a minute; it needs a C++
+    compiler and ninja)."""
+    config = strategy.config if isinstance(strategy.config, dict) else {}
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if offload.get("device", "none") in ("none", None) or config.get("zero_force_ds_cpu_optimizer") is False:
+        return optimizer
+    name = deepspeed_strategy_name(strategy)
+    kind = type(optimizer)
+    defaults = optimizer.defaults
+    if kind not in (torch.optim.Adam, torch.optim.AdamW) or defaults.get("amsgrad") or defaults.get("maximize"):
+        raise ValueError(
+            f"trainer.strategy {name} offloads the optimizer to the CPU, where DeepSpeed runs its own Adam only; "
+            f"model.optimizer is {kind.__module__}.{kind.__qualname__}"
+            f"{' with amsgrad or maximize' if kind in (torch.optim.Adam, torch.optim.AdamW) else ''}. Use "
+            "torch.optim.AdamW or Adam (they become deepspeed.ops.adam.DeepSpeedCPUAdam with the same settings), a "
+            "strategy without offload, or a DeepSpeed JSON config with \"zero_force_ds_cpu_optimizer\": false"
+        )
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    groups = [{k: v for k, v in group.items() if k not in _TORCH_ADAM_SWITCHES} for group in optimizer.param_groups]
+    return DeepSpeedCPUAdam(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"],
+                            weight_decay=defaults["weight_decay"],
+                            adamw_mode=kind is torch.optim.AdamW or bool(defaults.get("decoupled_weight_decay")))
 
 
 def deepspeed_strategy_name(strategy: DeepSpeedStrategy) -> str:
