@@ -116,9 +116,11 @@ def jpeg_size(data: bytes, verify: bool = True) -> tuple[int, int] | None:
     image is decoded on the CPU like on the CPU path.
 
     ``verify``: also decode the image at 1/8 scale (libjpeg's DCT scaling: every scan is entropy-decoded, no full
-    inverse transform, no resize), so that corrupt scan data is caught here. nvJPEG crashed the process with a
-    segmentation fault on such an image instead of raising (torchvision 0.26, CUDA 13, an H200, 2026-11-21);
-    a JPEG that fails here goes to the CPU path, which skips and counts it.
+    inverse transform, no resize), so that a JPEG whose tables or scan headers are broken after a valid frame
+    header is caught here. nvJPEG crashed the process with a segmentation fault on such an image instead of
+    raising (torchvision 0.26, CUDA 13, an H200, 2026-11-21); a JPEG that fails here goes to the CPU path, which
+    skips and counts it. Garbage inside the entropy-coded data itself usually decodes without an error (to wrong
+    pixels) in libjpeg, so this check does not catch it.
     """
     if len(data) < 4 or not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
         return None
@@ -162,9 +164,10 @@ class DeviceImagePlanner:
     Args:
         transform: the CPU transform of the split (``torchvision.transforms.Compose``).
         split: the split's name (its skip counters count what fails on the device).
-        verify: decode each JPEG at 1/8 scale here first (see :func:`jpeg_size`), so that corrupt scan data never
-            reaches nvJPEG, which crashed on it; about 0.6 ms per 256-512 px photo, against about 1 ms for a full
-            decode and 2.5 ms for the whole CPU path. Turn off only for shards checked beforehand.
+        verify: decode each JPEG at 1/8 scale here first (see :func:`jpeg_size`), so that a JPEG with broken
+            tables or scan headers never reaches nvJPEG, which crashed on one; about 0.6 ms per 256-512 px
+            photo, against about 1 ms for a full decode and 2.5 ms for the whole CPU path. Turn off only for
+            shards checked beforehand.
 
     Raises:
         UnsupportedTransform: naming the first step the device path cannot reproduce.
