@@ -92,6 +92,17 @@ def _adjoint_combine(f2, q2, s2, f1, q1, s1):
 
 
 @triton.jit
+def _adjoint_scan(a, cy):
+    """The reverse scan of (a, 1, cy) along a tile's step axis (see :func:`_adjoint_combine`): (q, s) with
+    g_t = s_t + q_t * (a_after g_after). A forward scan of the flipped tile, flipped back: Triton's own reverse scan
+    exchanged values between all the lanes of a warp even though the step axis lives in each thread's registers
+    (480 shuffles per tile of the backward kernel, more than all its other work)."""
+    _, q, s = tl.associative_scan((tl.flip(a, 0), tl.zeros_like(a) + 1.0, tl.flip(cy, 0)), axis=0,
+                                  combine_fn=_adjoint_combine)
+    return tl.flip(q, 0), tl.flip(s, 0)
+
+
+@triton.jit
 def _tile_steps(s0, offs_s, end, mask_d, mask_n, REVERSE: tl.constexpr, L):
     """The tile of scan steps s0 + offs_s (those before ``end``): their positions in memory (L - 1 - s when
     REVERSE), and the masks over (SUB, BD) and (SUB, BN)."""
@@ -368,8 +379,7 @@ def _bwd_kernel(
                 if HAS_Z:
                     dy = dy * zt / (1.0 + tl.exp(-zt))
                 cy = dy[:, None, :] * Ct[:, :, None]
-                _, q, sg = tl.associative_scan((a, tl.zeros_like(a) + 1.0, cy), axis=0,
-                                               combine_fn=_adjoint_combine, reverse=True)
+                q, sg = _adjoint_scan(a, cy)
                 g = sg + q * h[None, :, :]
                 h = tl.sum(tl.where((offs_s == 0)[:, None, None], a * g, -0.0), axis=0)
             else:
@@ -388,8 +398,7 @@ def _bwd_kernel(
                     tl.store(dz_ptr + o_row[None, :] + tm[:, None] * so_l, dz.to(dz_ptr.dtype.element_ty), mask=m_td)
                     dy = dy * zt * sig_z
                 cy = dy[:, None, :] * Ct[:, :, None]
-                _, q, sg = tl.associative_scan((a, tl.zeros_like(a) + 1.0, cy), axis=0,
-                                               combine_fn=_adjoint_combine, reverse=True)
+                q, sg = _adjoint_scan(a, cy)
                 g = sg + q * h[None, :, :]
                 dC = tl.sum(dy[:, None, :] * xs, axis=2)  # (SUB, BN)
                 dB = tl.sum(g * dtu[:, None, :], axis=2)
