@@ -98,26 +98,24 @@ def print_reports(rows: list[dict]) -> None:
         print(f"{'':40s} widths: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["widths"].items())))
 
 
-def _vim_args(fn, aligned_bc: bool) -> tuple[dict, tuple[str, ...]]:
+def _vim_args(fn) -> tuple[dict, tuple[str, ...]]:
     """The specialisation Triton's launcher gives the scan kernels' integer and pointer arguments at Vim-Ti's
-    shapes (dim 384, N 16, L 197, channels-contiguous activations): arguments equal to 1 become constants,
-    multiples of 16 (and 16-byte aligned pointers) are marked divisible. ``aligned_bc``: B and C are the
-    (batch, groups, L, N) copies the wrapper makes (aligned, N contiguous) rather than views of x_proj's output
-    (offsets of 12 and 28 elements, row stride 44)."""
+    shapes (dim 384, N 16, L 197, channels-contiguous activations; B and C views of x_proj's output, at offsets
+    of 12 and 28 elements with a row stride of 44): arguments equal to 1 become constants, multiples of 16 (and
+    16-byte aligned pointers) are marked divisible."""
     dim, L, N, R = 384, 197, 16, 12
     values = dict(dim=dim, L=L, N=N, su_b=L * dim, su_d=1, su_l=dim, sdt_b=L * dim, sdt_d=1, sdt_l=dim,
                   sz_b=L * 2 * dim, sz_d=1, sz_l=2 * dim, so_b=L * dim, so_d=1, so_l=dim, sg_b=L * dim, sg_d=1,
                   sg_l=dim)
     for m in "BC":
-        values.update({f"s{m}_b": L * N if aligned_bc else L * (R + 2 * N), f"s{m}_g": 0, f"s{m}_n": 1,
-                       f"s{m}_l": N if aligned_bc else R + 2 * N})
+        values.update({f"s{m}_b": L * (R + 2 * N), f"s{m}_g": 0, f"s{m}_n": 1, f"s{m}_l": R + 2 * N})
     const = {k: v for k, v in values.items() if v == 1 and k in fn.arg_names}
     div = [k for k, v in values.items() if v != 1 and v % 16 == 0 and k in fn.arg_names]
-    div += [a for a in fn.arg_names if a.endswith("_ptr") and (aligned_bc or a not in ("B_ptr", "C_ptr"))]
+    div += [a for a in fn.arg_names if a.endswith("_ptr") and a not in ("B_ptr", "C_ptr")]
     return const, tuple(div)
 
 
-def _scan_rows(sass_dir: Path | None, aligned_bc: bool = False, fast: bool = True, partial: bool = False) -> list[dict]:
+def _scan_rows(sass_dir: Path | None) -> list[dict]:
     """The selective scan kernels as the Vim mixer launches them (bf16 activations, softplus, D, z, bias)."""
     from mmpretrain.ops.selective_scan import triton_kernels as tk
 
@@ -128,11 +126,10 @@ def _scan_rows(sass_dir: Path | None, aligned_bc: bool = False, fast: bool = Tru
     types = {"u_ptr": "*bf16", "delta_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "z_ptr": "*bf16",
              "out_ptr": "*bf16", "dout_ptr": "*bf16", "du_ptr": "*bf16", "ddelta_ptr": "*bf16", "dz_ptr": "*bf16"}
     for name, fn, block, warps, extra in (
-        ("fwd", tk._fwd_kernel, cfg.block_d, cfg.num_warps, dict(LOCAL=False, HAS_INIT=False, FAST_EXP=fast)),
-        ("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.num_warps_bwd,
-         dict(LOCAL=False, HAS_CARRY=False, FAST_EXP=fast, BC_PARTIAL=partial)),
+        ("fwd", tk._fwd_kernel, cfg.block_d, cfg.num_warps, dict(LOCAL=False, HAS_INIT=False, FAST_LOG=True)),
+        ("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.num_warps_bwd, dict(LOCAL=False, HAS_CARRY=False, FAST_LOG=True)),
     ):
-        ones, div = _vim_args(fn, aligned_bc)
+        ones, div = _vim_args(fn)
         const = dict(flags, BLOCK_D=block, **extra, **ones)
         sig = {}
         for arg in fn.arg_names:
@@ -143,8 +140,7 @@ def _scan_rows(sass_dir: Path | None, aligned_bc: bool = False, fast: bool = Tru
             else:
                 sig[arg] = "i32"
         k = compile_kernel(fn, sig, const, warps or max(1, block // 32), divisible=div)
-        label = f"scan_{name}_bd{block}" + "_alignedBC" * aligned_bc + "_exp" * (not fast) + "_partial" * partial
-        rows.append(report(k, label, sass_dir))
+        rows.append(report(k, f"selective_scan_{name}_bd{block}", sass_dir))
     return rows
 
 
@@ -152,7 +148,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sass", type=Path, default=None, help="write each kernel's SASS into this directory")
     args = p.parse_args()
-    print_reports(_scan_rows(args.sass, fast=False) + _scan_rows(args.sass) + _scan_rows(args.sass, partial=True))
+    print_reports(_scan_rows(args.sass))
 
 
 if __name__ == "__main__":
