@@ -9,6 +9,7 @@ On CPU these run under Triton's interpreter in a subprocess (see test_selective_
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -121,3 +122,22 @@ def test_reverse_on_other_backends_flips(backend):
 def test_triton_layouts_in_interpreter():
     """Rerun this file's triton tests on CPU under TRITON_INTERPRET=1 (which must be set before import)."""
     rerun_in_interpreter(__file__, "test_triton_layouts_directions or test_triton_splits")
+
+
+@needs_triton
+def test_automatic_splits_only_when_the_gpu_would_idle(monkeypatch):
+    """Splits cost a second pass over the inputs: none while batch x channel blocks fill the multiprocessors
+    (Vim-Ti at batch 128: two splits doubled the forward kernel), enough for the set programs per
+    multiprocessor when they do not (a long sequence at a small batch), and never so many that the backward's
+    state scratch (splits x chunk / sub_chunk_bwd states per channel) passes an eighth of the full state."""
+    from mmpretrain.ops.selective_scan.triton_kernels import TritonConfig, _splits
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    gpu = torch.device("cuda")
+    cfg = TritonConfig()
+    assert _splits(cfg, 128 * 12, 4, gpu) == (1, 4)  # batch 128, 12 blocks of 32 channels, L 197 in chunks of 64
+    n_splits, per = _splits(cfg, 16 * 12, 96, gpu)  # batch 16, L 6085
+    assert n_splits > 1 and n_splits * per >= 96 and (n_splits - 1) * per < 96
+    assert n_splits * cfg.chunk / cfg.sub_chunk <= 96 * cfg.chunk / 8  # scratch under an eighth of the state
+    assert _splits(cfg, 2 * 16, 64, gpu)[0] <= 64 * cfg.sub_chunk // 8  # few programs, capped by the scratch
+    assert _splits(TritonConfig(splits=3), 128 * 12, 4, gpu) == (2, 2)  # asked for: 4 chunks in runs of 2
