@@ -155,7 +155,9 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model)."""
         xz = self.in_proj(hidden)  # (batch, L, 2E)
-        x, z = xz[..., : self.d_inner].transpose(1, 2), xz[..., self.d_inner:].transpose(1, 2)  # (batch, E, L) views
+        # (batch, E, L) views. chunk, not two slices: the backward of a slice fills a zero tensor of xz's size
+        # and copies the slice's gradient in (two of each per block, then an add); chunk's is one concatenation
+        x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))
         y = self._scan(x, z, "") + self._scan(x, z, "_b")
         # Vim's "if_devide_out": the mean of the two directions
         return self.out_proj(y.mul_(0.5).transpose(1, 2))
