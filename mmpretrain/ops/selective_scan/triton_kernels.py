@@ -554,7 +554,7 @@ class SelectiveScanTriton(torch.autograd.Function):
     """Autograd function over the forward and backward kernels; use :func:`selective_scan_triton`."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, cfg):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, cfg, with_last):
         batch, dim, L = u.shape
         N = A.shape[1]
         groups = B.shape[1]
@@ -589,7 +589,8 @@ class SelectiveScanTriton(torch.autograd.Function):
         ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts)
         ctx.config = (bool(delta_softplus), bool(reverse), cfg, A.dtype, n_splits, per_split)
         ctx.set_materialize_grads(False)
-        return out, ckpt[:, -1].transpose(1, 2).contiguous()
+        # the final state, (batch, dim, N), only when asked for (a copy per call otherwise thrown away)
+        return out, (ckpt[:, -1].transpose(1, 2).contiguous() if with_last else None)
 
     @staticmethod
     def backward(ctx, dout, dlast):
@@ -640,7 +641,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
         # (batch, groups, L, N) -> B's and C's (batch, groups, N, L), as transposed views
         dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None
 
 
 def selective_scan_triton(
@@ -682,5 +683,5 @@ def selective_scan_triton(
     params = [t.contiguous() if t is not None else None for t in (A, D, delta_bias)]
     with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
         out, last_state = SelectiveScanTriton.apply(u, delta, params[0], B4, C4, params[1], z, params[2],
-                                                    delta_softplus, reverse, cfg)
+                                                    delta_softplus, reverse, cfg, bool(return_last_state))
     return (out, last_state) if return_last_state else out
