@@ -8,6 +8,12 @@ free of device time. They are the compiler's static view: instructions in the co
 
     python benchmarks/sass_report.py                      # the selective scan kernels at Vim-Ti's shapes
     python benchmarks/sass_report.py --sass OUT_DIR       # also write each kernel's SASS there
+    python benchmarks/sass_report.py --lines 20           # and the 20 source lines with the most instructions
+
+``--lines`` attributes each SASS instruction to the Python line it came from (the line table Triton puts in
+the cubin), with the instruction classes of each line: that is how one finds which statement a kernel spends
+its instructions on (a softplus through an accurate log, a reverse scan that shuffles across the warp).
+The counts are static (an instruction inside a loop counts once).
 
 The Triton here may differ from the GPU machine's by a version; registers move by a few between versions.
 """
@@ -51,6 +57,38 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict, num_warps: i
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def source_lines(kernel, top: int) -> list[tuple[int, str, int, collections.Counter]]:
+    """The ``top`` (file, line) places of the kernel's Python source with the most SASS instructions:
+    (instruction count, file path, line number, opcode counts). Triton's own helpers appear too (``tl.sum``'s
+    reduction lives in triton/language/standard.py)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([str(_BIN / "nvdisasm"), "-c", "-g", path], capture_output=True, text=True,
+                              check=True).stdout
+    place, counts, ops = None, collections.Counter(), collections.defaultdict(collections.Counter)
+    for line in sass.splitlines():
+        m = re.search(r'//## File "(.*)", line (\d+)', line)
+        if m:
+            place = (m.group(1), int(m.group(2)))
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m and place is not None:
+            counts[place] += 1
+            ops[place][m.group(1)] += 1
+    return [(n, f, ln, ops[(f, ln)]) for (f, ln), n in counts.most_common(top)]
+
+
+def print_lines(kernel, label: str, top: int) -> None:
+    print(f"\n{label}: source lines by SASS instructions")
+    for n, path, ln, ops in source_lines(kernel, top):
+        source = Path(path)
+        text = source.read_text().splitlines()[ln - 1].strip()[:70] if source.is_file() else ""
+        mix = ", ".join(f"{op} {c}" for op, c in ops.most_common(4))
+        print(f"{n:6d}  {source.name + ':' + str(ln):24s} {text:70s}  {mix}")
 
 
 def report(kernel, label: str, sass_dir: Path | None = None) -> dict:
@@ -115,7 +153,7 @@ def _vim_args(fn) -> tuple[dict, tuple[str, ...]]:
     return const, tuple(div)
 
 
-def _scan_rows(sass_dir: Path | None) -> list[dict]:
+def _scan_rows(sass_dir: Path | None, lines: int = 0) -> list[dict]:
     """The selective scan kernels as the Vim mixer launches them (bf16 activations, softplus, D, z, bias)."""
     from mmpretrain.ops.selective_scan import triton_kernels as tk
 
@@ -141,14 +179,22 @@ def _scan_rows(sass_dir: Path | None) -> list[dict]:
                 sig[arg] = "i32"
         k = compile_kernel(fn, sig, const, warps or max(1, block // 32), divisible=div)
         rows.append(report(k, f"selective_scan_{name}_bd{block}", sass_dir))
+        if lines:
+            rows[-1]["kernel"] = k
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sass", type=Path, default=None, help="write each kernel's SASS into this directory")
+    p.add_argument("--lines", type=int, default=0, metavar="N",
+                   help="also print each kernel's N source lines with the most SASS instructions")
     args = p.parse_args()
-    print_reports(_scan_rows(args.sass))
+    rows = _scan_rows(args.sass, args.lines)
+    print_reports(rows)
+    for r in rows:
+        if "kernel" in r:
+            print_lines(r["kernel"], r["label"], args.lines)
 
 
 if __name__ == "__main__":
