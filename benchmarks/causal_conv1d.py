@@ -18,19 +18,10 @@ import datetime
 import json
 
 import torch
+from timing import copy_bandwidth
 
 from mmpretrain.ops.causal_conv1d import causal_conv1d_reference
 from mmpretrain.ops.causal_conv1d import triton_kernels as tk
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a large device-to-device copy, read plus write."""
-    import triton.testing
-
-    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=200, return_mode="median")
-    return 2 * a.numel() / (ms / 1e3)
 
 
 def inputs(batch: int, dim: int, L: int, sets: int = 4):
@@ -74,7 +65,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    bw = copy_bandwidth()
+    bw = copy_bandwidth("cuda")
     rows = []
     defaults = (tk.FWD_BLOCKS, tk.BWD_BLOCKS)
     for shape in args.shapes:

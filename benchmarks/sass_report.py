@@ -59,16 +59,20 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict, num_warps: i
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
-def source_lines(kernel, top: int) -> list[tuple[int, str, int, collections.Counter]]:
-    """The ``top`` (file, line) places of the kernel's Python source with the most SASS instructions:
-    (instruction count, file path, line number, opcode counts). Triton's own helpers appear too (``tl.sum``'s
-    reduction lives in triton/language/standard.py)."""
+def _nv_tool(kernel, tool: str, *flags: str) -> str:
+    """The output of one of Triton's bundled NVIDIA tools (cuobjdump, nvdisasm) run on the kernel's cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
-        sass = subprocess.run([str(_BIN / "nvdisasm"), "-c", "-g", path], capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run([str(_BIN / tool), *flags, path], capture_output=True, text=True, check=True).stdout
+
+
+def source_lines(kernel, top: int) -> list[tuple[int, str, int, collections.Counter]]:
+    """The ``top`` (file, line) places of the kernel's Python source with the most SASS instructions:
+    (instruction count, file path, line number, opcode counts). Triton's own helpers appear too (``tl.sum``'s
+    reduction lives in triton/language/standard.py)."""
+    sass = _nv_tool(kernel, "nvdisasm", "-c", "-g")
     place, counts, ops = None, collections.Counter(), collections.defaultdict(collections.Counter)
     for line in sass.splitlines():
         m = re.search(r'//## File "(.*)", line (\d+)', line)
@@ -93,15 +97,8 @@ def print_lines(kernel, label: str, top: int) -> None:
 
 def report(kernel, label: str, sass_dir: Path | None = None) -> dict:
     """Registers, spills and SASS instruction counts of a compiled kernel (see the module docstring)."""
-    cubin = kernel.asm["cubin"]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        usage = subprocess.run([str(_BIN / "cuobjdump"), "--dump-resource-usage", path], capture_output=True,
-                               text=True, check=True).stdout
-        sass = subprocess.run([str(_BIN / "nvdisasm"), "-c", path], capture_output=True, text=True,
-                              check=True).stdout
+    usage = _nv_tool(kernel, "cuobjdump", "--dump-resource-usage")
+    sass = _nv_tool(kernel, "nvdisasm", "-c")
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     shared = int(re.search(r"SHARED:(\d+)", usage).group(1))

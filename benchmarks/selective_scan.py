@@ -22,6 +22,7 @@ import json
 import statistics
 
 import torch
+from timing import copy_bandwidth
 
 from mmpretrain.ops.selective_scan import selective_scan_chunked, selective_scan_reference
 from mmpretrain.ops.selective_scan.dispatch import mamba_ssm_available, triton_available
@@ -62,23 +63,6 @@ def min_bytes(batch: int, dim: int, L: int, N: int, elsize: int) -> int:
     fwd = (3 * seq + 2 * bc) + seq  # read u, delta, z, B, C; write out
     bwd = (4 * seq + 2 * bc) + (3 * seq + 2 * bc)  # read u, delta, z, dout, B, C; write du, ddelta, dz, dB, dC
     return (fwd + bwd) * elsize
-
-
-def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy, bytes read + written per second (median of 20)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
 
 
 def step(fn, inputs, dout):
