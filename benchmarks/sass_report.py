@@ -157,12 +157,14 @@ def _scan_rows(sass_dir: Path | None, lines: int = 0) -> list[dict]:
     cfg = tk.TritonConfig()
     rows = []
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, CT=tk.tl.float32,
-                 BLOCK_N=16, CHUNK=cfg.chunk, SUB=cfg.sub_chunk)
+                 BLOCK_N=16, CHUNK=cfg.chunk)
     types = {"u_ptr": "*bf16", "delta_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "z_ptr": "*bf16",
              "out_ptr": "*bf16", "dout_ptr": "*bf16", "du_ptr": "*bf16", "ddelta_ptr": "*bf16", "dz_ptr": "*bf16"}
     for name, fn, block, warps, extra in (
-        ("fwd", tk._fwd_kernel, cfg.block_d, cfg.num_warps, dict(LOCAL=False, HAS_INIT=False, FAST_LOG=True)),
-        ("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.num_warps_bwd, dict(LOCAL=False, HAS_CARRY=False, FAST_LOG=True)),
+        ("fwd", tk._fwd_kernel, cfg.block_d, cfg.num_warps,
+         dict(LOCAL=False, HAS_INIT=False, FAST_LOG=True, SUB=cfg.sub_chunk)),
+        ("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.num_warps_bwd,
+         dict(LOCAL=False, HAS_CARRY=False, FAST_LOG=True, SUB=cfg.bwd_sub_chunk)),
     ):
         ones, div = _vim_args(fn)
         const = dict(flags, BLOCK_D=block, **extra, **ones)

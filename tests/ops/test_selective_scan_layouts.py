@@ -138,6 +138,6 @@ def test_automatic_splits_only_when_the_gpu_would_idle(monkeypatch):
     assert _splits(cfg, 128 * 12, 4, gpu) == (1, 4)  # batch 128, 12 blocks of 32 channels, L 197 in chunks of 64
     n_splits, per = _splits(cfg, 16 * 12, 96, gpu)  # batch 16, L 6085
     assert n_splits > 1 and n_splits * per >= 96 and (n_splits - 1) * per < 96
-    assert n_splits * cfg.chunk / cfg.sub_chunk <= 96 * cfg.chunk / 8  # scratch under an eighth of the state
-    assert _splits(cfg, 2 * 16, 64, gpu)[0] <= 64 * cfg.sub_chunk // 8  # few programs, capped by the scratch
+    assert n_splits * cfg.chunk / cfg.bwd_sub_chunk <= 96 * cfg.chunk / 8  # scratch under an eighth of the state
+    assert _splits(cfg, 2 * 16, 64, gpu)[0] <= 64 * cfg.bwd_sub_chunk // 8  # few programs, capped by the scratch
     assert _splits(TritonConfig(splits=3), 128 * 12, 4, gpu) == (2, 2)  # asked for: 4 chunks in runs of 2
