@@ -5,14 +5,16 @@ x is (batch, dim, L) read through its strides (fastest when channels are contigu
 and dx are written channels-contiguous. One program per (batch row, block of steps, block of channels).
 
 Forward: pre_t = bias + sum_j w_j x_{t + S (j - (K-1))} (S = 1 causal, S = -1 for ``reverse``), out = silu(pre).
-Backward, one kernel over the same grid: pre is recomputed at the K positions each dx_s needs (the shifted
-loads hit the cache), dpre = dout silu'(pre), dx_s = sum_j w_j dpre_{s + S ((K-1) - j)}; dw_j and dbias are
-summed over the program's steps and stored per (batch row, block of steps), then summed on the host (no
-atomics: thousands of programs adding into dim x K numbers serialise on them).
+Backward, two passes over the same grid: the first recomputes pre once per step and writes
+dpre = dout silu'(pre) (float32, (batch, L, dim)), with dw_j and dbias summed over the program's steps and
+stored per (batch row, block of steps), then summed on the host (no atomics: thousands of programs adding into
+dim x K numbers serialise on them); the second reads dpre at K shifts (cache hits) for
+dx_s = sum_j w_j dpre_{s + S ((K-1) - j)}.
 
-An earlier backward gave each (batch row, block of channels) one program that walked all the steps: at Vim-Ti's
-training shapes (batch 256, L 197, dim 384) it took 0.48 ms a call on an H200, 23 ms of a 150 ms step (48 calls),
-against a floor of about 0.03 ms (x and dout read, dx written).
+Earlier backwards: one program per (batch row, block of channels) walking all the steps (0.48 ms a call at
+Vim-Ti's training shapes, batch 256, L 197, dim 384, on an H200: 23 ms of a 150 ms step); then one fused pass
+that recomputed pre at the K positions each dx_s needs, K times the exp, division and loads (0.223 ms on an
+H100, against 0.120 + 0.052 ms for the two passes).
 """
 
 from __future__ import annotations
@@ -20,6 +22,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _sigmoid(x, CT: tl.constexpr):
+    """1 / (1 + e^-x) through exp2 and, in float32, the approximate reciprocal (a rounding error of about
+    2^-22): Triton's exp and IEEE division expand to range checks and a Newton refinement, most of the
+    backward kernel's instructions. Float64 keeps exp2 and the exact division."""
+    e = 1.0 + tl.exp2(-x * LOG2E)
+    if CT == tl.float32:  # noqa: SIM300 (CT is the compute dtype, a compile-time argument)
+        return tl.fdiv(1.0, e, ieee_rounding=False)
+    return 1.0 / e
 
 
 @triton.jit
@@ -59,56 +74,68 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, L, sx_b, sx_d, sx_l, so_
     x_row = pid_b * sx_b + offs_d * sx_d
     pre = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
     if SILU:
-        pre = pre / (1.0 + tl.exp(-pre))
+        pre = pre * _sigmoid(pre, CT)
     m = (t < L)[:, None] & mask_d[None, :]
     tl.store(out_ptr + pid_b * so_b + offs_d[None, :] * so_d + t[:, None] * so_l, pre.to(out_ptr.dtype.element_ty),
              mask=m)
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, dim, L,
-                     sx_b, sx_d, sx_l, sg_b, sg_d, sg_l, so_b, so_d, so_l,
-                     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CT: tl.constexpr):
-    """One program per (batch row, block of steps, block of channels): dx of its steps, and the weight and
-    bias gradients summed over its steps, stored per (batch row, block of steps) for the host to sum."""
+def _conv_dpre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dw_ptr, db_ptr, dim, L,
+                      sx_b, sx_d, sx_l, sg_b, sg_d, sg_l,
+                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
+                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CT: tl.constexpr):
+    """Backward, first pass. One program per (batch row, block of output steps t, block of channels):
+    dpre_t = dout_t silu'(pre_t) into ``dpre`` ((batch, L, dim), compute dtype), and the weight and bias
+    gradients summed over the program's steps, stored per (batch row, block of steps) for the host to sum."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
     x_row = pid_b * sx_b + offs_d * sx_d
-    g_row = pid_b * sg_b + offs_d * sg_d
-    s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    m_t = (t < L)[:, None] & mask_d[None, :]
+    dpre = tl.load(dout_ptr + pid_b * sg_b + offs_d[None, :] * sg_d + t[:, None] * sg_l, mask=m_t,
+                   other=0.0).to(CT)
+    if SILU:
+        pre = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
+        sig = _sigmoid(pre, CT)
+        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+    dpre = tl.where(m_t, dpre, 0.0)
+    tl.store(dpre_ptr + (pid_b * L + t[:, None]) * dim + offs_d[None, :], dpre, mask=m_t)
     offs_k = tl.arange(0, BLOCK_K)
-    dw = tl.zeros((BLOCK_K, BLOCK_D), dtype=CT)  # row j: d loss / d weight[:, j]
-    db = tl.zeros((BLOCK_D,), dtype=CT)
+    dw = tl.zeros((BLOCK_K, BLOCK_D), dtype=CT)  # row j: d loss / d weight[:, j] = sum_t dpre_t x_{t + S(j-(K-1))}
+    for j in tl.static_range(K):
+        ts = t + SIGN * (j - (K - 1))
+        m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
+        xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
+        dw += tl.where((offs_k == j)[:, None], tl.sum(dpre * xv, axis=0)[None, :], 0.0)
+    part = pid_b * tl.num_programs(1) + pid_l
+    tl.store(db_ptr + part * dim + offs_d, tl.sum(dpre, axis=0), mask=mask_d)
+    tl.store(dw_ptr + (part * dim + offs_d[None, :]) * K + offs_k[:, None], dw,
+             mask=(offs_k < K)[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _conv_dx_kernel(dpre_ptr, w_ptr, dx_ptr, dim, L, so_b, so_d, so_l,
+                    K: tl.constexpr, SIGN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                    CT: tl.constexpr):
+    """Backward, second pass: dx_s = sum_i w_{K-1-i} dpre_{s + S i} (the shifted reads of dpre hit the cache)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    w_ptrs = tl.where(mask_d, w_ptr + offs_d * K, w_ptr)
     dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
     for i in tl.static_range(K):
-        # the output step t = s + SIGN i reads x_s through weight j = K-1-i
         t = s + SIGN * i
-        m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
-        pre = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
-        dpre = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=m_t, other=0.0).to(CT)
-        if SILU:
-            sig = 1.0 / (1.0 + tl.exp(-pre))
-            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-        dpre = tl.where(m_t, dpre, 0.0)
+        m = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
+        dpre = tl.load(dpre_ptr + (pid_b * L + t[:, None]) * dim + offs_d[None, :], mask=m, other=0.0)
         dx += dpre * tl.load(w_ptrs + (K - 1 - i)).to(CT)[None, :]
-        if i == 0:  # each of the program's output steps once: their weight and bias gradients
-            for j in tl.static_range(K):
-                ts = s + SIGN * (j - (K - 1))
-                m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
-                xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
-                dw += tl.where((offs_k == j)[:, None], tl.sum(dpre * xv, axis=0)[None, :], 0.0)
-            db = tl.sum(dpre, axis=0)
     m = (s < L)[:, None] & mask_d[None, :]
     tl.store(dx_ptr + pid_b * so_b + offs_d[None, :] * so_d + s[:, None] * so_l, dx.to(dx_ptr.dtype.element_ty),
              mask=m)
-    part = pid_b * tl.num_programs(1) + pid_l
-    tl.store(db_ptr + part * dim + offs_d, db, mask=mask_d)
-    tl.store(dw_ptr + (part * dim + offs_d[None, :]) * K + offs_k[:, None], dw,
-             mask=(offs_k < K)[:, None] & mask_d[None, :])
 
 
 def _ct(dtype: torch.dtype):
@@ -119,11 +146,13 @@ def _empty_channels_last(batch: int, dim: int, L: int, like: torch.Tensor) -> to
     return torch.empty(batch, L, dim, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
-# (steps, channels, warps) per program, forward and backward: the fastest of those benchmarks/causal_conv1d.py
-# tried on an H200 (2026-11-21). Vim-Ti at 224 (batch 256, dim 384, L 197): forward 0.046 ms (16:64:4 took 0.096;
-# floor 0.019), backward 0.245 ms (32:64:4 took 0.40); at 1248 (batch 16, L 6085): 0.068 and 0.41 ms.
+# (steps, channels, warps) per program. Forward: the fastest of those benchmarks/causal_conv1d.py tried on an
+# H200 (2026-11-21; Vim-Ti at 224, batch 256, dim 384, L 197: 0.046 ms, 16:64:4 took 0.096; floor 0.019).
+# Backward passes: the fastest of 64:64:4, 32:64:4, 32:32:2, 64:32:2 and 128:64:4 on an H100 (profiler kernel
+# times, 2026-11-21): 0.120 + 0.052 ms at 224 and 0.206 + 0.092 ms at 1248 (batch 16, L 6085).
 FWD_BLOCKS = (64, 64, 4)
-BWD_BLOCKS = (32, 32, 2)
+DPRE_BLOCKS = (32, 32, 2)
+DX_BLOCKS = (32, 32, 2)
 
 
 class CausalConv1dTriton(torch.autograd.Function):
@@ -150,16 +179,21 @@ class CausalConv1dTriton(torch.autograd.Function):
         K = w.shape[1]
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
         dx = _empty_channels_last(batch, dim, L, x)
-        block_l, block_d, warps = BWD_BLOCKS
+        dpre = torch.empty(batch, L, dim, device=x.device, dtype=ct)
+        block_l, block_d, warps = DPRE_BLOCKS
         grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
         parts = batch * grid[1]  # per (batch row, block of steps), summed below
         dw = torch.empty(parts, dim, K, device=x.device, dtype=ct)
         db = torch.empty(parts, dim, device=x.device, dtype=ct)
-        _conv_bwd_kernel[grid](x, w, w if bias is None else bias, dout, dx, dw, db, dim, L,
-                               *x.stride(), *dout.stride(), *dx.stride(),
-                               HAS_BIAS=bias is not None, SILU=silu, K=K, SIGN=-1 if reverse else 1,
-                               BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(K), CT=_ct(x.dtype),
-                               num_warps=warps)
+        sign = -1 if reverse else 1
+        _conv_dpre_kernel[grid](x, w, w if bias is None else bias, dout, dpre, dw, db, dim, L,
+                                *x.stride(), *dout.stride(),
+                                HAS_BIAS=bias is not None, SILU=silu, K=K, SIGN=sign, BLOCK_L=block_l,
+                                BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(K), CT=_ct(x.dtype), num_warps=warps)
+        block_l, block_d, warps = DX_BLOCKS
+        grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
+        _conv_dx_kernel[grid](dpre, w, dx, dim, L, *dx.stride(), K=K, SIGN=sign, BLOCK_L=block_l, BLOCK_D=block_d,
+                              CT=_ct(x.dtype), num_warps=warps)
         return dx, dw.sum(0).to(w.dtype), (db.sum(0).to(bias.dtype) if bias is not None else None), None, None
 
 
