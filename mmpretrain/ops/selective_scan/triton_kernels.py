@@ -459,9 +459,9 @@ class TritonConfig:
     """Launch parameters. ``block_d`` / ``block_d_bwd``: channels per program in the forward / backward kernel
     (upper bounds: scaled down for N > 16, and a program stays inside one group); ``sub_chunk``: steps each
     program scans at a time in registers (``sub_chunk_bwd``: in the backward; None for 4, or the largest power
-    of two dividing ``chunk`` if smaller: on an H100 the backward kernel took 1.101 ms with 4 against 1.138 with 2 at batch 256, L 197,
-    and 2.367 against 2.481 ms at batch 16, L 6085, the forward unchanged); ``chunk``:
-    steps between state checkpoints (a multiple of both); ``num_warps`` / ``num_warps_bwd``: None gives one warp
+    of two dividing ``chunk`` if smaller: on an H100 the backward kernel took 1.101 ms with 4 against 1.138 ms
+    with 2 at batch 256, L 197, and 2.367 against 2.481 ms at batch 16, L 6085); ``chunk``: steps between state
+    checkpoints (a multiple of both); ``num_warps`` / ``num_warps_bwd``: None gives one warp
     per 32 channels; ``splits``: pieces the sequence is cut into and scanned in parallel (a run of whole chunks
     each). None: 1 when batch x channel blocks give at least ``split_below`` programs per multiprocessor, else
     enough for ``programs_per_sm``. A split costs a second, partial pass over its inputs, so it pays only when
