@@ -167,12 +167,19 @@ ga = torch.autograd.grad(a, [h, *ref.parameters()], g)
 gb = torch.autograd.grad(b, [h, *tri.parameters()], g)
 for name, x, y in zip(["input"] + [n for n, _ in ref.named_parameters()], ga, gb):
     torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-5, msg=name)
+# torch.compile traces the mixer in one graph, the kernels as custom ops, with the eager kernels' results
+c = torch.compile(tri, backend="aot_eager", fullgraph=True)(h)
+torch.testing.assert_close(c, b, rtol=1e-6, atol=1e-7)
+gc = torch.autograd.grad(c, [h, *tri.parameters()], g)
+for name, x, y in zip(["input"] + [n for n, _ in tri.named_parameters()], gb, gc):
+    torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7, msg="compiled " + name)
 print("ok")
 """
 
 
 def test_mixer_on_the_triton_backend_in_the_interpreter():
-    """The GPU path of the mixer (layouts, gate and biases into the fused kernel), run by Triton's interpreter."""
+    """The GPU path of the mixer (layouts, gate and biases into the fused kernel), run by Triton's interpreter,
+    eager and under torch.compile."""
     pytest.importorskip("triton")
     from tests.ops.interpreter import interpreter_usable
 

@@ -84,6 +84,40 @@ def test_triton_conv_matches_reference(reverse, layout, L, K, bias):
             assert err < tol, f"{dtype} {layout} reverse={reverse}: {name} relative error {err:.2e}"
 
 
+@pytest.mark.skipif(not HAS_TRITON or triton_device() is None,
+                    reason="no GPU: run under TRITON_INTERPRET=1 by test_triton_conv_in_interpreter")
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_conv_custom_ops(bias):
+    """What torch.compile sees: the two custom ops pass torch.library.opcheck (schema, fake tensors with the real
+    strides, autograd registration, AOT dispatch), and a fullgraph-compiled convolution gives the eager kernels'
+    values and gradients (Inductor on the GPU, aot_eager in the interpreter)."""
+    from mmpretrain.ops.causal_conv1d.triton_kernels import causal_conv1d_bwd, causal_conv1d_fwd
+
+    device = triton_device()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 5, generator=g).transpose(1, 2).to(device).requires_grad_(True)  # channels-contiguous
+    w = torch.randn(5, 4, generator=g).to(device).requires_grad_(True)
+    b = torch.randn(5, generator=g).to(device).requires_grad_(True) if bias else None
+    for reverse in (False, True):
+        torch.library.opcheck(causal_conv1d_fwd, (x, w, b, True, reverse))
+        dout = torch.randn(2, 5, 9, generator=g).to(device)
+        torch.library.opcheck(causal_conv1d_bwd, (dout, x.detach(), w.detach(), b.detach() if bias else None,
+                                                  True, reverse))
+
+        def conv(x, w, b, reverse=reverse):
+            return causal_conv1d(x, w, b, "silu", reverse, backend="triton")
+
+        inputs = [t for t in (x, w, b) if t is not None]
+        eager = [conv(x, w, b)]
+        eager += torch.autograd.grad((eager[0] * dout).sum(), inputs)
+        torch._dynamo.reset()
+        compiled_conv = torch.compile(conv, backend="inductor" if device == "cuda" else "aot_eager", fullgraph=True)
+        compiled = [compiled_conv(x, w, b)]
+        compiled += torch.autograd.grad((compiled[0] * dout).sum(), inputs)
+        for name, got, exp in zip(["out", "dx", "dw", "db"], compiled, eager):
+            torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-6, msg=f"reverse={reverse}: {name}")
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="weight"):
         causal_conv1d(torch.zeros(1, 3, 5), torch.zeros(4, 4))
@@ -96,4 +130,4 @@ def test_bad_arguments_are_named():
 @pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="this is the parent of the interpreter run")
 def test_triton_conv_in_interpreter():
     """Rerun this file's triton tests on CPU under TRITON_INTERPRET=1 (which must be set before import)."""
-    rerun_in_interpreter(__file__, "test_triton_conv_matches")
+    rerun_in_interpreter(__file__, "test_triton_conv_matches or test_triton_conv_custom_ops")

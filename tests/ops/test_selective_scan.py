@@ -341,6 +341,59 @@ def test_triton_backend_strong_decay_and_mixed_groups(device):
     assert_matches(got, reference_of(t, flags), RTOL[torch.float32], "triton strong decay", ATOL[torch.float32])
 
 
+def compile_backend(device):
+    """Inductor on the GPU; on CPU (the interpreter) aot_eager: Dynamo and AOTAutograd trace the custom ops through
+    their fake implementations and autograd rule, with no C++ code generation."""
+    return "inductor" if device == "cuda" else "aot_eager"
+
+
+@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("config,groups,splits", [("full", 0, 1), ("z_bias_last", 2, 2)])
+def test_triton_backend_custom_ops_opcheck(device, config, groups, splits):
+    """The custom ops torch.compile sees: schema, fake tensors (shapes, dtypes and strides of every output), the
+    autograd registration and AOT dispatch with dynamic shapes (torch.library.opcheck), forward and backward."""
+    from mmpretrain.ops.selective_scan.custom_ops import selective_scan_bwd, selective_scan_fwd
+    from mmpretrain.ops.selective_scan.triton_kernels import TritonConfig
+
+    t, flags = make_inputs(1, 4, 9, 4, groups, config, torch.float32, device, seed=5)
+    # channels-contiguous u, delta and z, as the mixer passes them
+    for k in ("u", "delta", "z"):
+        if t[k] is not None:
+            t[k] = t[k].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    B4, C4 = (t[k] if groups else t[k].detach().unsqueeze(1).requires_grad_(True) for k in ("B", "C"))
+    cfg = TritonConfig(chunk=4, sub_chunk=2, splits=splits).to_ints()
+    args = (t["u"], t["delta"], t["A"], B4, C4, t["D"], t["z"], t["delta_bias"], flags["delta_softplus"], False, cfg)
+    torch.library.opcheck(selective_scan_fwd, (*args[:9], splits > 1, cfg))  # reverse with the splits
+    with torch.no_grad():
+        out, ckpt, dts = selective_scan_fwd(*args)
+    assert tuple(dts.shape) == ((1, splits, 4) if splits > 1 else (0,))  # 3 chunks of 4 steps in 2 splits
+    with torch.no_grad():
+        dout = torch.randn_like(out)
+        dlast = torch.randn_like(ckpt[:, -1])
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:8]]
+    for dl in (None, dlast):
+        torch.library.opcheck(selective_scan_bwd, (dout, dl, *detached, ckpt, dts, *args[8:]))
+
+
+@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("config,groups", [("full", 0), ("D_softplus", 2)])
+def test_triton_backend_under_torch_compile(device, config, groups):
+    """torch.compile(fullgraph=True) traces the triton backend (as its custom ops) in one graph and gives the
+    eager kernels' outputs and gradients, the final state's included, forward and reverse."""
+    t, flags = make_inputs(2, 6, 13, 4, groups, config, torch.float32, device, seed=7)
+    for reverse in (False, True):
+        def scan(reverse=reverse, **kw):
+            return _triton(chunk=4, sub_chunk=2)(**kw, reverse=reverse)
+
+        eager = run_with_grads(scan, t, flags)
+        torch._dynamo.reset()
+        compiled = run_with_grads(torch.compile(scan, backend=compile_backend(device), fullgraph=True), t, flags)
+        assert_matches(compiled, {k: v.double() for k, v in eager.items()}, 1e-6, f"compiled reverse={reverse}",
+                       1e-7)
+
+
 @pytest.mark.skipif(INTERPRET or not triton_available(), reason="this is the parent of the interpreter run")
 def test_triton_kernels_in_interpreter():
     """Rerun this file's triton tests on CPU under TRITON_INTERPRET=1 (which must be set before import)."""

@@ -11,6 +11,8 @@ import torch
 from .reference import causal_conv1d_reference
 
 BACKENDS = ("auto", "reference", "triton")
+# looked up once: importlib inside a function torch.compile traces would break its graph at every call
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -35,7 +37,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"causal_conv1d: x must be (batch, dim, L) and weight (dim, K); got {tuple(x.shape)} "
                          f"and {tuple(weight.shape)}")
     if backend == "auto":
-        backend = "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "reference"
+        backend = "triton" if x.is_cuda and _HAS_TRITON else "reference"
     if backend == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         from .triton_kernels import causal_conv1d_triton
 

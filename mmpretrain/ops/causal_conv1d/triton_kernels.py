@@ -19,6 +19,8 @@ H100, against 0.120 + 0.052 ms for the two passes).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -155,52 +157,110 @@ DPRE_BLOCKS = (32, 32, 2)
 DX_BLOCKS = (32, 32, 2)
 
 
+def _conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool, reverse: bool):
+    """The forward kernel: x (batch, dim, L), w (dim, K) contiguous -> out, channels-contiguous."""
+    batch, dim, L = x.shape
+    out = _empty_channels_last(batch, dim, L, x)
+    block_l, block_d, warps = FWD_BLOCKS
+    grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
+    _conv_fwd_kernel[grid](x, w, w if bias is None else bias, out, dim, L, *x.stride(), *out.stride(),
+                           HAS_BIAS=bias is not None, SILU=silu, K=w.shape[1], SIGN=-1 if reverse else 1,
+                           BLOCK_L=block_l, BLOCK_D=block_d, CT=_ct(x.dtype), num_warps=warps)
+    return out
+
+
+def _conv_backward(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+                   reverse: bool):
+    """The two backward passes: ``(dx, dw, dbias or None)``; dx channels-contiguous, dw (dim, K)."""
+    batch, dim, L = x.shape
+    K = w.shape[1]
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dx = _empty_channels_last(batch, dim, L, x)
+    dpre = torch.empty(batch, L, dim, device=x.device, dtype=ct)
+    block_l, block_d, warps = DPRE_BLOCKS
+    grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
+    parts = batch * grid[1]  # per (batch row, block of steps), summed below
+    dw = torch.empty(parts, dim, K, device=x.device, dtype=ct)
+    db = torch.empty(parts, dim, device=x.device, dtype=ct)
+    sign = -1 if reverse else 1
+    _conv_dpre_kernel[grid](x, w, w if bias is None else bias, dout, dpre, dw, db, dim, L,
+                            *x.stride(), *dout.stride(),
+                            HAS_BIAS=bias is not None, SILU=silu, K=K, SIGN=sign, BLOCK_L=block_l,
+                            BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(K), CT=_ct(x.dtype), num_warps=warps)
+    block_l, block_d, warps = DX_BLOCKS
+    grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
+    _conv_dx_kernel[grid](dpre, w, dx, dim, L, *dx.stride(), K=K, SIGN=sign, BLOCK_L=block_l, BLOCK_D=block_d,
+                          CT=_ct(x.dtype), num_warps=warps)
+    return dx, dw.sum(0).to(w.dtype), (db.sum(0).to(bias.dtype) if bias is not None else None)
+
+
 class CausalConv1dTriton(torch.autograd.Function):
+    """Autograd function over the kernels, for eager mode (under ``torch.compile``: the custom ops below)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, silu, reverse):
-        batch, dim, L = x.shape
-        K = weight.shape[1]
         w = weight.contiguous()
-        out = _empty_channels_last(batch, dim, L, x)
-        block_l, block_d, warps = FWD_BLOCKS
-        grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
-        _conv_fwd_kernel[grid](x, w, w if bias is None else bias, out, dim, L, *x.stride(), *out.stride(),
-                               HAS_BIAS=bias is not None, SILU=silu, K=K, SIGN=-1 if reverse else 1,
-                               BLOCK_L=block_l, BLOCK_D=block_d, CT=_ct(x.dtype), num_warps=warps)
         ctx.save_for_backward(x, w, bias)
         ctx.flags = (silu, reverse)
-        return out
+        return _conv_forward(x, w, bias, silu, reverse)
 
     @staticmethod
     def backward(ctx, dout):
         x, w, bias = ctx.saved_tensors
-        silu, reverse = ctx.flags
-        batch, dim, L = x.shape
-        K = w.shape[1]
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dx = _empty_channels_last(batch, dim, L, x)
-        dpre = torch.empty(batch, L, dim, device=x.device, dtype=ct)
-        block_l, block_d, warps = DPRE_BLOCKS
-        grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
-        parts = batch * grid[1]  # per (batch row, block of steps), summed below
-        dw = torch.empty(parts, dim, K, device=x.device, dtype=ct)
-        db = torch.empty(parts, dim, device=x.device, dtype=ct)
-        sign = -1 if reverse else 1
-        _conv_dpre_kernel[grid](x, w, w if bias is None else bias, dout, dpre, dw, db, dim, L,
-                                *x.stride(), *dout.stride(),
-                                HAS_BIAS=bias is not None, SILU=silu, K=K, SIGN=sign, BLOCK_L=block_l,
-                                BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(K), CT=_ct(x.dtype), num_warps=warps)
-        block_l, block_d, warps = DX_BLOCKS
-        grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
-        _conv_dx_kernel[grid](dpre, w, dx, dim, L, *dx.stride(), K=K, SIGN=sign, BLOCK_L=block_l, BLOCK_D=block_d,
-                              CT=_ct(x.dtype), num_warps=warps)
-        return dx, dw.sum(0).to(w.dtype), (db.sum(0).to(bias.dtype) if bias is not None else None), None, None
+        return (*_conv_backward(dout, x, w, bias, *ctx.flags), None, None)
+
+
+# Under torch.compile the kernels run as two custom ops, so that a compiled model traces around them (Inductor
+# fuses the work between them; CUDA graphs can capture them). Eager mode keeps the autograd function above: a
+# custom op's dispatch costs the host several times more per call (see selective_scan/custom_ops.py).
+@torch.library.custom_op("mmpretrain::causal_conv1d_fwd", mutates_args=())
+def causal_conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+                      reverse: bool) -> torch.Tensor:
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _conv_forward(x, weight.contiguous(), bias, silu, reverse)
+
+
+@causal_conv1d_fwd.register_fake
+def _(x, weight, bias, silu, reverse):
+    return _empty_channels_last(*x.shape, x)
+
+
+@torch.library.custom_op("mmpretrain::causal_conv1d_bwd", mutates_args=())
+def causal_conv1d_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      silu: bool, reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``; dbias is empty without a bias."""
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        dx, dw, db = _conv_backward(dout, x, weight.contiguous(), bias, silu, reverse)
+    return dx, dw, db if db is not None else x.new_empty(0)
+
+
+@causal_conv1d_bwd.register_fake
+def _(dout, x, weight, bias, silu, reverse):
+    db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    return _empty_channels_last(*x.shape, x), weight.new_empty(weight.shape), db
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, silu, reverse = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.flags = (silu, reverse)
+
+
+def _conv_backward_rule(ctx, dout):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = causal_conv1d_bwd(dout, x, weight, bias, *ctx.flags)
+    return dx, dw, (db if bias is not None else None), None, None
+
+
+causal_conv1d_fwd.register_autograd(_conv_backward_rule, setup_context=_conv_setup_context)
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          activation: str | None = "silu", reverse: bool = False) -> torch.Tensor:
     """Fused Triton depthwise causal convolution (+ SiLU); same results as ``causal_conv1d_reference``.
-    The output is (batch, dim, L), channels-contiguous in memory."""
+    The output is (batch, dim, L), channels-contiguous in memory. Under ``torch.compile``: the custom ops."""
     if activation not in ("silu", None):
         raise ValueError(f"causal_conv1d: activation must be 'silu' or None, got {activation!r}")
+    if torch.compiler.is_compiling():
+        return causal_conv1d_fwd(x, weight, bias, activation == "silu", bool(reverse))
     return CausalConv1dTriton.apply(x, weight, bias, activation == "silu", bool(reverse))

@@ -42,12 +42,17 @@ from .reference import selective_scan_reference
 BACKENDS = ("auto", "reference", "torch", "triton", "mamba_ssm")
 
 
+# looked up once: importlib inside a function torch.compile traces would break its graph at every call
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_MAMBA_SSM = importlib.util.find_spec("mamba_ssm") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def mamba_ssm_available() -> bool:
-    return importlib.util.find_spec("mamba_ssm") is not None
+    return _HAS_MAMBA_SSM
 
 
 def _mamba_ssm_fn() -> Callable:

@@ -1,4 +1,5 @@
-"""Fused Triton forward and backward kernels for the selective scan (a custom ``torch.autograd.Function``).
+"""Fused Triton forward and backward kernels for the selective scan (a custom ``torch.autograd.Function`` in
+eager mode; custom ops, in :mod:`.custom_ops`, under ``torch.compile``).
 
 One program per (batch row, block of BLOCK_D channels, split of the sequence), walking its steps in order.
 Inputs may be bf16, fp16, fp32 or fp64; arithmetic is float32 (float64 for float64 inputs). u, delta, z and
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 
@@ -493,6 +495,23 @@ class TritonConfig:
         if self.splits is not None and self.splits < 1:
             raise ValueError(f"selective_scan_triton: splits must be >= 1 or None, got {self.splits}")
 
+    def to_ints(self) -> list[int]:
+        """The fields in order, None as 0 (no field takes 0): how the config crosses a custom op's schema."""
+        return [self.block_d, self.block_d_bwd, self.sub_chunk, self.sub_chunk_bwd or 0, self.chunk,
+                self.num_warps or 0, self.num_warps_bwd or 0, self.splits or 0, self.programs_per_sm,
+                self.split_below]
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def from_ints(values: tuple[int, ...]) -> TritonConfig:
+        """The inverse of :meth:`to_ints` (given as a tuple)."""
+        names = [f.name for f in dataclasses.fields(TritonConfig)]
+        optional = {"sub_chunk_bwd", "num_warps", "num_warps_bwd", "splits"}
+        return TritonConfig(**{n: (v or None) if n in optional else v for n, v in zip(names, values, strict=True)})
+
+
+DEFAULT_CONFIG = TritonConfig()
+
 
 def _channels_per_program(dim: int, groups: int, block_d: int, bn: int) -> int:
     """A power of two <= block_d (scaled down for N > 16, to bound the registers a program holds); with groups,
@@ -557,98 +576,130 @@ def _combine(h, dts, A_t, first, reverse: bool, ct: torch.dtype) -> torch.Tensor
     return carry
 
 
+def _plan(cfg: TritonConfig, u: torch.Tensor, N: int, groups: int) -> tuple[int, int, int, int]:
+    """(forward channel block, number of chunks, number of splits, chunks per split) for a call."""
+    batch, dim, L = u.shape
+    bd = _channels_per_program(dim, groups, cfg.block_d, triton.next_power_of_2(N))
+    n_chunks = max(1, triton.cdiv(L, cfg.chunk))
+    n_splits, per_split = _splits(cfg, batch * triton.cdiv(dim, bd), n_chunks, u.device)
+    return bd, n_chunks, n_splits, per_split
+
+
+def _compute_dtype(u: torch.Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, cfg: TritonConfig):
+    """The forward kernels: ``(out, ckpt, dts)``; ``ckpt`` (batch, n_chunks, N, dim) holds the state after every
+    chunk (the last entry is the final state), ``dts`` (batch, n_splits, dim) each split's summed dt, or None
+    when the sequence is not split. B, C are (batch, groups, N, L)."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    ct = _compute_dtype(u)
+    bn = triton.next_power_of_2(N)
+    bd, n_chunks, n_splits, per_split = _plan(cfg, u, N, B.shape[1])
+    n_blocks = triton.cdiv(dim, bd)
+    out = _empty_in_layout(u, u.dtype)
+    # A as (N, dim), the states as (batch, ..., N, dim): contiguous along the lane axis
+    A_t = A.t().contiguous()
+    alloc = torch.empty if L > 0 else torch.zeros  # the kernel writes every element
+    ckpt = alloc((batch, n_chunks, N, dim), device=u.device, dtype=ct)
+    dts = None
+    if L > 0:
+        flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps)
+        args = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
+                u if delta_bias is None else delta_bias, out, ckpt]
+        sizes = [dim, L, N, dim // B.shape[1], n_chunks, per_split, n_splits,
+                 *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(), *B.stride(), *C.stride()]
+        init = None
+        if n_splits > 1:  # each split from zero, then the true state entering each split
+            local = torch.empty(batch, n_splits, N, dim, device=u.device, dtype=ct)
+            dts = torch.empty(batch, n_splits, dim, device=u.device, dtype=ct)
+            _fwd_kernel[(batch, n_blocks, n_splits)](*args, ckpt, local, dts, *sizes, LOCAL=True,
+                                                     HAS_INIT=False, **flags)
+            init = _combine(local, dts, A_t, None, False, ct)
+        _fwd_kernel[(batch, n_blocks, n_splits)](*args, ckpt if init is None else init, ckpt, ckpt, *sizes,
+                                                 LOCAL=False, HAS_INIT=init is not None, **flags)
+    return out, ckpt, dts
+
+
+def _backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, dts, softplus: bool, reverse: bool,
+              cfg: TritonConfig):
+    """The backward kernels: ``(du, ddelta, dA, dB, dC, dD, dz, d_delta_bias)``, None for absent arguments.
+    ``dlast``: the gradient of the final state as (batch, N, dim), or None; ``ckpt``, ``dts``: from
+    :func:`_forward`."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    groups = B.shape[1]
+    ct = _compute_dtype(u)
+    _, n_chunks, n_splits, per_split = _plan(cfg, u, N, groups)
+    bn = triton.next_power_of_2(N)
+    bd = _channels_per_program(dim, groups, cfg.block_d_bwd, bn)
+    n_blocks = triton.cdiv(dim, bd)
+    dev = u.device
+    if dout is None:
+        dout = torch.zeros_like(u)
+
+    def grad_like(dtype):  # in u's layout; the kernel writes every element when L > 0
+        g = _empty_in_layout(u, dtype)
+        return g if L > 0 else g.zero_()
+
+    alloc = torch.empty if L > 0 else torch.zeros  # the kernel writes every element but the atomics' targets
+    du, ddelta = grad_like(u.dtype), grad_like(delta.dtype)
+    dz = grad_like(z.dtype) if z is not None else None
+    dB = torch.zeros(batch, groups, L, N, device=dev, dtype=ct)  # summed over blocks by atomics
+    dC = torch.zeros(batch, groups, L, N, device=dev, dtype=ct)
+    dA_part = alloc(batch * n_splits, N, dim, device=dev, dtype=ct)
+    dD_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
+    dbias_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
+    if L > 0:
+        A_t = A.t().contiguous()
+        sub = cfg.bwd_sub_chunk
+        flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps_bwd, sub)
+        scratch = torch.empty(batch * n_blocks * n_splits * (cfg.chunk // sub) * bd * bn, device=dev, dtype=ct)
+        grads = [du, ddelta, du if dz is None else dz, dB, dC, dA_part, dD_part, dbias_part]
+        sizes = [dim, L, N, dim // groups, groups, n_chunks, per_split, n_splits, n_blocks,
+                 *u.stride(), *delta.stride(), *_strides(z, 3), *dout.stride(), *du.stride(),
+                 *B.stride(), *C.stride()]
+        head = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
+                u if delta_bias is None else delta_bias, dout, ckpt]
+        carry = dlast.unsqueeze(1) if dlast is not None else None
+        if n_splits > 1:  # each split's adjoint from zero, then the true carry entering each split
+            local = torch.empty(batch, n_splits, N, dim, device=dev, dtype=ct)
+            _bwd_kernel[(batch, n_blocks, n_splits)](*head, local, scratch, *grads, *sizes, LOCAL=True,
+                                                     HAS_CARRY=False, **flags)
+            carry = _combine(local, dts, A_t, dlast, True, ct)
+        _bwd_kernel[(batch, n_blocks, n_splits)](*head, ckpt if carry is None else carry, scratch, *grads, *sizes,
+                                                 LOCAL=False, HAS_CARRY=carry is not None, **flags)
+    dA = dA_part.sum(0).t().to(A.dtype)  # (dim, N), a transposed view
+    dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    # (batch, groups, L, N) -> B's and C's (batch, groups, N, L), as transposed views
+    dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
 class SelectiveScanTriton(torch.autograd.Function):
-    """Autograd function over the forward and backward kernels; use :func:`selective_scan_triton`."""
+    """Autograd function over the forward and backward kernels, for eager mode (under ``torch.compile`` the
+    same kernels run as the custom ops of :mod:`.custom_ops`); use :func:`selective_scan_triton`."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, cfg, with_last):
-        batch, dim, L = u.shape
-        N = A.shape[1]
-        groups = B.shape[1]
-        ct = torch.float64 if u.dtype == torch.float64 else torch.float32
-        bn = triton.next_power_of_2(N)
-        bd = _channels_per_program(dim, groups, cfg.block_d, bn)
-        n_blocks = triton.cdiv(dim, bd)
-        n_chunks = max(1, triton.cdiv(L, cfg.chunk))
-        n_splits, per_split = _splits(cfg, batch * n_blocks, n_chunks, u.device)
-        out = _empty_in_layout(u, u.dtype)
-        # A as (N, dim), the states as (batch, ..., N, dim): contiguous along the lane axis
-        A_t = A.t().contiguous()
-        alloc = torch.empty if L > 0 else torch.zeros  # the kernel writes every element
-        ckpt = alloc((batch, n_chunks, N, dim), device=u.device, dtype=ct)
-        dts = None
-        if L > 0:
-            flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, bool(delta_softplus), bool(reverse),
-                           cfg.num_warps)
-            args = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
-                    u if delta_bias is None else delta_bias, out, ckpt]
-            sizes = [dim, L, N, dim // groups, n_chunks, per_split, n_splits,
-                     *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(), *B.stride(), *C.stride()]
-            init = None
-            if n_splits > 1:  # each split from zero, then the true state entering each split
-                local = torch.empty(batch, n_splits, N, dim, device=u.device, dtype=ct)
-                dts = torch.empty(batch, n_splits, dim, device=u.device, dtype=ct)
-                _fwd_kernel[(batch, n_blocks, n_splits)](*args, ckpt, local, dts, *sizes, LOCAL=True,
-                                                         HAS_INIT=False, **flags)
-                init = _combine(local, dts, A_t, None, False, ct)
-            _fwd_kernel[(batch, n_blocks, n_splits)](*args, ckpt if init is None else init, ckpt, ckpt, *sizes,
-                                                     LOCAL=False, HAS_INIT=init is not None, **flags)
-        ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts)
-        ctx.config = (bool(delta_softplus), bool(reverse), cfg, A.dtype, n_splits, per_split)
+        out, ckpt, dts = _forward(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), cfg)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, dts)
+        ctx.config = (bool(delta_softplus), bool(reverse), cfg)
         ctx.set_materialize_grads(False)
         # the final state, (batch, dim, N), only when asked for (a copy per call otherwise thrown away)
         return out, (ckpt[:, -1].transpose(1, 2).contiguous() if with_last else None)
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts = ctx.saved_tensors
-        softplus, reverse, cfg, A_dtype, n_splits, per_split = ctx.config
-        batch, dim, L = u.shape
-        n_chunks, N = ckpt.shape[1], ckpt.shape[2]
-        groups = B.shape[1]
-        ct = ckpt.dtype
-        bn = triton.next_power_of_2(N)
-        bd = _channels_per_program(dim, groups, cfg.block_d_bwd, bn)
-        n_blocks = triton.cdiv(dim, bd)
-        dev = u.device
-        if dout is None:
-            dout = torch.zeros_like(u)
+        u, delta, A, B, C, D, z, delta_bias, ckpt, dts = ctx.saved_tensors
+        softplus, reverse, cfg = ctx.config
         if dlast is not None:
             dlast = dlast.transpose(1, 2).contiguous()  # (batch, N, dim), like the checkpoints
-        alloc = torch.empty if L > 0 else torch.zeros  # the kernel writes every element but the atomics' targets
-        du = _empty_in_layout(u, u.dtype) if L > 0 else torch.zeros_like(u)
-        ddelta = _empty_in_layout(u, delta.dtype) if L > 0 else torch.zeros_like(delta)
-        dz = (_empty_in_layout(u, z.dtype) if L > 0 else torch.zeros_like(z)) if z is not None else None
-        dB = torch.zeros(batch, groups, L, N, device=dev, dtype=ct)  # summed over blocks by atomics
-        dC = torch.zeros(batch, groups, L, N, device=dev, dtype=ct)
-        dA_part = alloc(batch * n_splits, N, dim, device=dev, dtype=ct)
-        dD_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
-        dbias_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
-        if L > 0:
-            sub = cfg.bwd_sub_chunk
-            flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps_bwd, sub)
-            scratch = torch.empty(batch * n_blocks * n_splits * (cfg.chunk // sub) * bd * bn, device=dev,
-                                  dtype=ct)
-            grads = [du, ddelta, du if dz is None else dz, dB, dC, dA_part, dD_part, dbias_part]
-            sizes = [dim, L, N, dim // groups, groups, n_chunks, per_split, n_splits, n_blocks,
-                     *u.stride(), *delta.stride(), *_strides(z, 3), *dout.stride(), *du.stride(),
-                     *B.stride(), *C.stride()]
-            head = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
-                    u if delta_bias is None else delta_bias, dout, ckpt]
-            carry = dlast.unsqueeze(1) if dlast is not None else None
-            if n_splits > 1:  # each split's adjoint from zero, then the true carry entering each split
-                local = torch.empty(batch, n_splits, N, dim, device=dev, dtype=ct)
-                _bwd_kernel[(batch, n_blocks, n_splits)](*head, local, scratch, *grads, *sizes, LOCAL=True,
-                                                         HAS_CARRY=False, **flags)
-                carry = _combine(local, dts, A_t, dlast, True, ct)
-            _bwd_kernel[(batch, n_blocks, n_splits)](*head, ckpt if carry is None else carry, scratch, *grads, *sizes,
-                                                     LOCAL=False, HAS_CARRY=carry is not None, **flags)
-        dA = dA_part.sum(0).t().to(A_dtype)
-        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
-        dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
-        # (batch, groups, L, N) -> B's and C's (batch, groups, N, L), as transposed views
-        dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None
+        grads = _backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, dts, softplus, reverse, cfg)
+        return (*grads, None, None, None, None)
 
 
 def selective_scan_triton(
@@ -673,13 +724,14 @@ def selective_scan_triton(
     gradients then take it too. ``reverse``: scan from the last position to the first (the result equals
     flipping every sequence input, scanning, and flipping the output back), without any flip.
     ``config``: launch parameters (:class:`TritonConfig`; the default is the one measured fastest).
+    Under ``torch.compile`` the kernels run as custom ops (:mod:`.custom_ops`), so a compiled model keeps them.
     """
     if not (u.is_cuda or interpreter_active()):
         raise RuntimeError(
             f"selective_scan backend 'triton' needs CUDA tensors (got {u.device}); use backend='torch' on CPU, "
             "or set TRITON_INTERPRET=1 before triton is imported to run the kernels in Triton's interpreter"
         )
-    cfg = config or TritonConfig()
+    cfg = config or DEFAULT_CONFIG
     B4 = B.unsqueeze(1) if B.dim() == 3 else B
     C4 = C.unsqueeze(1) if C.dim() == 3 else C
     if B4.shape[1] != C4.shape[1]:
@@ -688,7 +740,13 @@ def selective_scan_triton(
         B4 = B4.repeat_interleave(groups // B4.shape[1], dim=1)
         C4 = C4.repeat_interleave(groups // C4.shape[1], dim=1)
     params = [t.contiguous() if t is not None else None for t in (A, D, delta_bias)]
-    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
-        out, last_state = SelectiveScanTriton.apply(u, delta, params[0], B4, C4, params[1], z, params[2],
-                                                    delta_softplus, reverse, cfg, bool(return_last_state))
+    args = (u, delta, params[0], B4, C4, params[1], z, params[2], bool(delta_softplus), bool(reverse), cfg,
+            bool(return_last_state))
+    if torch.compiler.is_compiling():  # traced by torch.compile: the custom ops (they set the device themselves)
+        from .custom_ops import selective_scan_compiled
+
+        out, last_state = selective_scan_compiled(*args)
+    else:
+        with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+            out, last_state = SelectiveScanTriton.apply(*args)
     return (out, last_state) if return_last_state else out
