@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from timing import peak_flops, timed
 
+import mmpretrain.models  # noqa: F401  (registers vim_* and our other models with timm)
+
 
 def count_flops(model_name: str, batch_size: int, num_classes: int) -> int:
     import timm
@@ -112,7 +114,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--variants", nargs="+", default=["timm", "ours", "ours+compile+fused"],
-                        help="timm, ours; ours with +fused (fused AdamW), +compile, +autotune (compile with max-autotune)")
+                        help="timm, ours; ours with +fused (fused AdamW), +compile, +autotune (compile with max-autotune), "
+                             "+graphs (compile with reduce-overhead: CUDA graphs)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -127,8 +130,9 @@ def main() -> None:
                 r = bench_timm(name, args.batch_size, args.steps, args.warmup, args.num_classes)
             else:
                 r = bench_ours(name, args.batch_size, args.steps, args.warmup, args.num_classes,
-                               compile="compile" in variant, fused="fused" in variant,
-                               compile_mode="max-autotune-no-cudagraphs" if "autotune" in variant else "default")
+                               compile="compile" in variant or "graphs" in variant, fused="fused" in variant,
+                               compile_mode=("max-autotune-no-cudagraphs" if "autotune" in variant else
+                                             "reduce-overhead" if "graphs" in variant else "default"))
             r.update(model=name, variant=variant, batch=args.batch_size,
                      samples_per_s=args.batch_size / r["step_s"], mfu=flops / r["step_s"] / peak,
                      flops_per_step=flops, device=torch.cuda.get_device_name(), torch=torch.__version__)

@@ -9,8 +9,9 @@
 Workloads are ``train@SIZExBATCH`` or ``infer@SIZExBATCH``; the defaults are training and inference at 224
 (batch 256) and at 1248x1248 (batch 16). Models are timm names (``vim_tiny`` is ours, registered by
 ``mmpretrain.models``; ``deit_tiny_patch16_224`` uses timm's fused SDPA attention), optionally with
-``+ckpt`` (per-block activation checkpointing; training only) or ``+compile`` (``torch.compile``). The
-default compares vim_tiny, vim_tiny+ckpt and deit_tiny_patch16_224.
+``+ckpt`` (per-block activation checkpointing; training only), ``+compile`` (``torch.compile``, default mode;
+our scan and convolution kernels enter the graph as custom ops) or ``+graphs`` (``torch.compile`` with
+``mode="reduce-overhead"``: CUDA graphs). The default compares vim_tiny, vim_tiny+ckpt and deit_tiny_patch16_224.
 
 Every run: synthetic batch already on the GPU, bf16 autocast, float32 weights; training is forward,
 cross-entropy, backward and an AdamW step; inference runs under ``torch.inference_mode``. Median step time
@@ -61,9 +62,9 @@ def parse_workload(spec: str) -> tuple[str, int, int]:
 
 def parse_model(spec: str) -> tuple[str, set[str]]:
     name, *flags = spec.split("+")
-    unknown = set(flags) - {"ckpt", "compile"}
+    unknown = set(flags) - {"ckpt", "compile", "graphs"}
     if unknown:
-        raise SystemExit(f"--models: {spec!r}: unknown option(s) {sorted(unknown)}; use +ckpt or +compile")
+        raise SystemExit(f"--models: {spec!r}: unknown option(s) {sorted(unknown)}; use +ckpt, +compile or +graphs")
     if name not in timm.list_models():
         raise SystemExit(f"--models: {name!r} is not a timm model name")
     return name, set(flags)
@@ -142,7 +143,9 @@ def bench_model(spec: str, mode: str, size: int, batch: int, steps: int, warmup:
         model.set_grad_checkpointing(True)
     train = mode == "train"
     model.train(train)
-    if "compile" in flags:
+    if "graphs" in flags:
+        model = torch.compile(model, mode="reduce-overhead")
+    elif "compile" in flags:
         model = torch.compile(model)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
