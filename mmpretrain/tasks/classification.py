@@ -49,7 +49,9 @@ class ImageClassification(Task):
             default) starts a new head.
         compile: ``torch.compile`` the model (in place; checkpoint keys are unchanged). Not under DeepSpeed
             ZeRO stage 3.
-        compile_mode: ``torch.compile`` mode (``default``, ``max-autotune-no-cudagraphs`` ...).
+        compile_mode: ``torch.compile`` mode (``default``, ``max-autotune-no-cudagraphs``, ``reduce-overhead``
+            ...). ``reduce-overhead`` (CUDA graphs) is the one for Vim, whose eager step waits on the host: Vim-Ti
+            trained 1.55x faster with it on one H100 (docs/benchmarks.md), and 0.9x with ``default``.
         optimizer, lr_scheduler, lr_reference_batch, max_skipped_steps, grad_checkpointing: see
             :class:`~mmpretrain.tasks.base.Task`.
 
