@@ -363,7 +363,8 @@ def test_triton_backend_custom_ops_opcheck(device, config, groups, splits):
             t[k] = t[k].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
     B4, C4 = (t[k] if groups else t[k].detach().unsqueeze(1).requires_grad_(True) for k in ("B", "C"))
     cfg = TritonConfig(chunk=4, sub_chunk=2, splits=splits).to_ints()
-    args = (t["u"], t["delta"], t["A"], B4, C4, t["D"], t["z"], t["delta_bias"], flags["delta_softplus"], False, cfg)
+    A_t = t["A"].detach().t().contiguous().requires_grad_(True)  # the ops take A as (N, dim)
+    args = (t["u"], t["delta"], A_t, B4, C4, t["D"], t["z"], t["delta_bias"], flags["delta_softplus"], False, cfg)
     torch.library.opcheck(selective_scan_fwd, (*args[:9], splits > 1, cfg))  # reverse with the splits
     with torch.no_grad():
         out, ckpt, dts = selective_scan_fwd(*args)

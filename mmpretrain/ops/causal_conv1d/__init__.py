@@ -3,16 +3,12 @@ package's semantics): a plain PyTorch reference and fused Triton kernels for CUD
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
+from .._runtime import interpreter_active, triton_available
 from .reference import causal_conv1d_reference
 
 BACKENDS = ("auto", "reference", "triton")
-# looked up once: importlib inside a function torch.compile traces would break its graph at every call
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -37,8 +33,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"causal_conv1d: x must be (batch, dim, L) and weight (dim, K); got {tuple(x.shape)} "
                          f"and {tuple(weight.shape)}")
     if backend == "auto":
-        backend = "triton" if x.is_cuda and _HAS_TRITON else "reference"
-    if backend == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        backend = "triton" if x.is_cuda and triton_available() else "reference"
+    if backend == "triton" and (x.is_cuda or interpreter_active()):
         from .triton_kernels import causal_conv1d_triton
 
         return causal_conv1d_triton(x, weight, bias, activation, reverse)

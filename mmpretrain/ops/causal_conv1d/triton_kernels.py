@@ -19,11 +19,11 @@ H100, against 0.120 + 0.052 ms for the two passes).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .._runtime import on_device
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -216,7 +216,7 @@ class CausalConv1dTriton(torch.autograd.Function):
 @torch.library.custom_op("mmpretrain::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
                       reverse: bool) -> torch.Tensor:
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device(x):
         return _conv_forward(x, weight.contiguous(), bias, silu, reverse)
 
 
@@ -229,7 +229,7 @@ def _(x, weight, bias, silu, reverse):
 def causal_conv1d_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       silu: bool, reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)``; dbias is empty without a bias."""
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device(x):
         dx, dw, db = _conv_backward(dout, x, weight.contiguous(), bias, silu, reverse)
     return dx, dw, db if db is not None else x.new_empty(0)
 

@@ -14,38 +14,34 @@ with the backward, measured on CPU with a trivial body), and an eager Vim-Ti ste
 :func:`.triton_kernels.selective_scan_triton` picks between the two with ``torch.compiler.is_compiling()``.
 
 The fake (meta) implementations give the real outputs' shapes, dtypes and strides (u's channels-contiguous
-layout, dA and dB/dC as transposed views), which ``torch.library.opcheck`` checks in the tests.
+layout, dB and dC as transposed views), which ``torch.library.opcheck`` checks in the tests.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
+from .._runtime import on_device
 from .triton_kernels import TritonConfig, _backward, _compute_dtype, _empty_in_layout, _forward, _plan
 
 
-def _on_device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 @torch.library.custom_op("mmpretrain::selective_scan_fwd", mutates_args=())
-def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+def selective_scan_fwd(u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                        z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, reverse: bool,
                        config: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward kernels: B, C (batch, groups, N, L); ``config`` from :meth:`TritonConfig.to_ints`."""
+    """Forward kernels: A_t is A transposed, (N, dim) contiguous; B, C (batch, groups, N, L); ``config`` from
+    :meth:`TritonConfig.to_ints`."""
     cfg = TritonConfig.from_ints(tuple(config))
-    with _on_device(u):
-        out, ckpt, dts = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, cfg)
+    with on_device(u):
+        out, ckpt, dts = _forward(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, cfg)
     return out, ckpt, dts if dts is not None else ckpt.new_empty(0)
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, config):
+def _(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config):
     batch, dim, L = u.shape
-    N = A.shape[1]
+    N = A_t.shape[0]
     ct = _compute_dtype(u)
     _, n_chunks, n_splits, _ = _plan(TritonConfig.from_ints(tuple(config)), u, N, B.shape[1])
     ckpt = u.new_empty((batch, n_chunks, N, dim), dtype=ct)
@@ -54,28 +50,28 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, config):
 
 
 @torch.library.custom_op("mmpretrain::selective_scan_bwd", mutates_args=())
-def selective_scan_bwd(dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+def selective_scan_bwd(dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor,
                        C: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, ckpt: Tensor,
                        dts: Tensor, delta_softplus: bool, reverse: bool, config: list[int]
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward kernels: ``(du, ddelta, dA, dB, dC, dD, dz, d_delta_bias)``, an empty tensor for each absent
+    """Backward kernels: ``(du, ddelta, dA_t, dB, dC, dD, dz, d_delta_bias)``, an empty tensor for each absent
     argument's gradient. ``dlast``: the gradient of the final state as (batch, N, dim), or None."""
     cfg = TritonConfig.from_ints(tuple(config))
-    with _on_device(u):
-        grads = _backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, dts if dts.numel() else None,
+    with on_device(u):
+        grads = _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts if dts.numel() else None,
                           delta_softplus, reverse, cfg)
     return tuple(g if g is not None else u.new_empty(0) for g in grads)
 
 
 @selective_scan_bwd.register_fake
-def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, dts, delta_softplus, reverse, config):
+def _(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, delta_softplus, reverse, config):
     batch, dim, L = u.shape
-    N, groups = A.shape[1], B.shape[1]
+    N, groups = A_t.shape[0], B.shape[1]
     absent = u.new_empty(0)
     return (
         _empty_in_layout(u, u.dtype),
         _empty_in_layout(u, delta.dtype),
-        A.new_empty((N, dim)).t(),
+        A_t.new_empty((N, dim)),
         B.new_empty((batch, groups, L, N)).transpose(2, 3),
         C.new_empty((batch, groups, L, N)).transpose(2, 3),
         D.new_empty((dim,)) if D is not None else absent,
@@ -85,23 +81,23 @@ def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, dts, delta_softplu
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, config = inputs
+    u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config = inputs
     _, ckpt, dts = output
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, dts)
+    ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts)
     ctx.flags = (delta_softplus, reverse, config)
     ctx.set_materialize_grads(False)
 
 
 def _backward_rule(ctx, dout, dckpt, _ddts):
-    u, delta, A, B, C, D, z, delta_bias, ckpt, dts = ctx.saved_tensors
+    u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts = ctx.saved_tensors
     softplus, reverse, config = ctx.flags
     if dout is None:
         dout = torch.zeros_like(u)
     dlast = dckpt[:, -1].contiguous() if dckpt is not None else None  # only the final state is read outside
-    du, ddelta, dA, dB, dC, dD, dz, dbias = selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias,
-                                                               ckpt, dts, softplus, reverse, config)
+    du, ddelta, dA_t, dB, dC, dD, dz, dbias = selective_scan_bwd(dout, dlast, u, delta, A_t, B, C, D, z,
+                                                                 delta_bias, ckpt, dts, softplus, reverse, config)
     present = lambda g, t: g if t is not None else None  # noqa: E731
-    return (du, ddelta, dA, dB, dC, present(dD, D), present(dz, z), present(dbias, delta_bias), None, None, None)
+    return (du, ddelta, dA_t, dB, dC, present(dD, D), present(dz, z), present(dbias, delta_bias), None, None, None)
 
 
 selective_scan_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -111,6 +107,7 @@ def selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus:
                             cfg: TritonConfig, with_last: bool):
     """``(out, last_state or None)`` through the custom ops (the arguments as :class:`SelectiveScanTriton` takes
     them)."""
-    out, ckpt, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse),
-                                      cfg.to_ints())
+    # A transposed in the traced graph: autograd keeps it for the backward op and transposes dA_t back
+    out, ckpt, _ = selective_scan_fwd(u, delta, A.t().contiguous(), B, C, D, z, delta_bias, bool(delta_softplus),
+                                      bool(reverse), cfg.to_ints())
     return out, (ckpt[:, -1].transpose(1, 2).contiguous() if with_last else None)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._runtime import triton_available
 from .chunked import selective_scan_chunked
 from .reference import selective_scan_reference
 
@@ -43,12 +44,7 @@ BACKENDS = ("auto", "reference", "torch", "triton", "mamba_ssm")
 
 
 # looked up once: importlib inside a function torch.compile traces would break its graph at every call
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 _HAS_MAMBA_SSM = importlib.util.find_spec("mamba_ssm") is not None
-
-
-def triton_available() -> bool:
-    return _HAS_TRITON
 
 
 def mamba_ssm_available() -> bool:

@@ -47,21 +47,15 @@ through Triton's interpreter; that is how CI tests them without a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreter_active() -> bool:
-    """True if Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 when triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+from .._runtime import interpreter_active, on_device
 
 # the decay factors exp(dt A) are computed as exp2((dt log2 e) A): the scaling is per (step, channel), not per
 # state, and Triton's exp2 is one special-function instruction (its exp adds a multiply and a subnormal range check)
@@ -589,19 +583,18 @@ def _compute_dtype(u: torch.Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, cfg: TritonConfig):
+def _forward(u, delta, A_t, B, C, D, z, delta_bias, softplus: bool, reverse: bool, cfg: TritonConfig):
     """The forward kernels: ``(out, ckpt, dts)``; ``ckpt`` (batch, n_chunks, N, dim) holds the state after every
     chunk (the last entry is the final state), ``dts`` (batch, n_splits, dim) each split's summed dt, or None
-    when the sequence is not split. B, C are (batch, groups, N, L)."""
+    when the sequence is not split. ``A_t`` is A transposed, (N, dim) contiguous (the states' layout: contiguous
+    along the lane axis); B, C are (batch, groups, N, L)."""
     batch, dim, L = u.shape
-    N = A.shape[1]
+    N = A_t.shape[0]
     ct = _compute_dtype(u)
     bn = triton.next_power_of_2(N)
     bd, n_chunks, n_splits, per_split = _plan(cfg, u, N, B.shape[1])
     n_blocks = triton.cdiv(dim, bd)
     out = _empty_in_layout(u, u.dtype)
-    # A as (N, dim), the states as (batch, ..., N, dim): contiguous along the lane axis
-    A_t = A.t().contiguous()
     alloc = torch.empty if L > 0 else torch.zeros  # the kernel writes every element
     ckpt = alloc((batch, n_chunks, N, dim), device=u.device, dtype=ct)
     dts = None
@@ -623,13 +616,13 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool,
     return out, ckpt, dts
 
 
-def _backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, dts, softplus: bool, reverse: bool,
+def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus: bool, reverse: bool,
               cfg: TritonConfig):
-    """The backward kernels: ``(du, ddelta, dA, dB, dC, dD, dz, d_delta_bias)``, None for absent arguments.
-    ``dlast``: the gradient of the final state as (batch, N, dim), or None; ``ckpt``, ``dts``: from
-    :func:`_forward`."""
+    """The backward kernels: ``(du, ddelta, dA_t, dB, dC, dD, dz, d_delta_bias)``, None for absent arguments
+    (``dA_t`` (N, dim), like ``A_t``). ``dlast``: the gradient of the final state as (batch, N, dim), or None;
+    ``ckpt``, ``dts``: from :func:`_forward`."""
     batch, dim, L = u.shape
-    N = A.shape[1]
+    N = A_t.shape[0]
     groups = B.shape[1]
     ct = _compute_dtype(u)
     _, n_chunks, n_splits, per_split = _plan(cfg, u, N, groups)
@@ -653,7 +646,6 @@ def _backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, dts, softp
     dD_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
     dbias_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
     if L > 0:
-        A_t = A.t().contiguous()
         sub = cfg.bwd_sub_chunk
         flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps_bwd, sub)
         scratch = torch.empty(batch * n_blocks * n_splits * (cfg.chunk // sub) * bd * bn, device=dev, dtype=ct)
@@ -671,12 +663,12 @@ def _backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, dts, softp
             carry = _combine(local, dts, A_t, dlast, True, ct)
         _bwd_kernel[(batch, n_blocks, n_splits)](*head, ckpt if carry is None else carry, scratch, *grads, *sizes,
                                                  LOCAL=False, HAS_CARRY=carry is not None, **flags)
-    dA = dA_part.sum(0).t().to(A.dtype)  # (dim, N), a transposed view
+    dA_t = dA_part.sum(0).to(A_t.dtype)
     dD = dD_part.sum(0).to(D.dtype) if D is not None else None
     dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
     # (batch, groups, L, N) -> B's and C's (batch, groups, N, L), as transposed views
     dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)
-    return du, ddelta, dA, dB, dC, dD, dz, dbias
+    return du, ddelta, dA_t, dB, dC, dD, dz, dbias
 
 
 class SelectiveScanTriton(torch.autograd.Function):
@@ -685,8 +677,9 @@ class SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, cfg, with_last):
-        out, ckpt, dts = _forward(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), cfg)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, dts)
+        A_t = A.t().contiguous()
+        out, ckpt, dts = _forward(u, delta, A_t, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), cfg)
+        ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts)
         ctx.config = (bool(delta_softplus), bool(reverse), cfg)
         ctx.set_materialize_grads(False)
         # the final state, (batch, dim, N), only when asked for (a copy per call otherwise thrown away)
@@ -694,12 +687,13 @@ class SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, ckpt, dts = ctx.saved_tensors
+        u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts = ctx.saved_tensors
         softplus, reverse, cfg = ctx.config
         if dlast is not None:
             dlast = dlast.transpose(1, 2).contiguous()  # (batch, N, dim), like the checkpoints
-        grads = _backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, dts, softplus, reverse, cfg)
-        return (*grads, None, None, None, None)
+        du, ddelta, dA_t, *rest = _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus,
+                                            reverse, cfg)
+        return (du, ddelta, dA_t.t(), *rest, None, None, None, None)
 
 
 def selective_scan_triton(
@@ -747,6 +741,6 @@ def selective_scan_triton(
 
         out, last_state = selective_scan_compiled(*args)
     else:
-        with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+        with on_device(u):
             out, last_state = SelectiveScanTriton.apply(*args)
     return (out, last_state) if return_last_state else out
