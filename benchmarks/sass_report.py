@@ -150,24 +150,27 @@ def _vim_args(fn) -> tuple[dict, tuple[str, ...]]:
     return const, tuple(div)
 
 
-def _scan_rows(sass_dir: Path | None, lines: int = 0) -> list[dict]:
-    """The selective scan kernels as the Vim mixer launches them (bf16 activations, softplus, D, z, bias)."""
+def _scan_rows(sass_dir: Path | None, lines: int = 0, config: dict | None = None) -> list[dict]:
+    """The selective scan kernels as the Vim mixer launches them (bf16 activations, softplus, D, z, bias), with
+    the default launch configuration or ``config``'s fields over it."""
     from mmpretrain.ops.selective_scan import triton_kernels as tk
 
-    cfg = tk.TritonConfig()
+    cfg = tk.TritonConfig(**(config or {}))
+    rows_bwd = min(cfg.rows_bwd, cfg.block_d_bwd)
     rows = []
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, CT=tk.tl.float32,
                  BLOCK_N=16, CHUNK=cfg.chunk)
     types = {"u_ptr": "*bf16", "delta_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "z_ptr": "*bf16",
              "out_ptr": "*bf16", "dout_ptr": "*bf16", "du_ptr": "*bf16", "ddelta_ptr": "*bf16", "dz_ptr": "*bf16"}
-    for name, fn, block, warps, extra in (
-        ("fwd", tk._fwd_kernel, cfg.block_d, cfg.num_warps,
-         dict(LOCAL=False, HAS_INIT=False, FAST_LOG=True, SUB=cfg.sub_chunk)),
-        ("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.num_warps_bwd,
-         dict(LOCAL=False, HAS_CARRY=False, FAST_LOG=True, SUB=cfg.bwd_sub_chunk)),
+    for name, fn, block, lanes, warps, extra in (
+        ("fwd", tk._fwd_kernel, cfg.block_d, cfg.block_d, cfg.num_warps,
+         dict(BLOCK_D=cfg.block_d, LOCAL=False, HAS_INIT=False, FAST_LOG=True, SUB=cfg.sub_chunk)),
+        ("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.block_d_bwd // rows_bwd, cfg.num_warps_bwd,
+         dict(ROWS=rows_bwd, LANES_D=cfg.block_d_bwd // rows_bwd, LOCAL=False, HAS_CARRY=False, FAST_LOG=True,
+              SUB=cfg.bwd_sub_chunk)),
     ):
         ones, div = _vim_args(fn)
-        const = dict(flags, BLOCK_D=block, **extra, **ones)
+        const = dict(flags, **extra, **ones)
         sig = {}
         for arg in fn.arg_names:
             if arg in const:
@@ -176,8 +179,9 @@ def _scan_rows(sass_dir: Path | None, lines: int = 0) -> list[dict]:
                 sig[arg] = types.get(arg, "*fp32")
             else:
                 sig[arg] = "i32"
-        k = compile_kernel(fn, sig, const, warps or max(1, block // 32), divisible=div)
-        rows.append(report(k, f"selective_scan_{name}_bd{block}", sass_dir))
+        k = compile_kernel(fn, sig, const, warps or max(1, lanes // 32), divisible=div)
+        label = f"selective_scan_{name}_bd{block}" + (f"_rows{rows_bwd}_sub{cfg.bwd_sub_chunk}" if name == "bwd" else "")
+        rows.append(report(k, label, sass_dir))
         if lines:
             rows[-1]["kernel"] = k
     return rows
@@ -188,8 +192,11 @@ def main() -> None:
     p.add_argument("--sass", type=Path, default=None, help="write each kernel's SASS into this directory")
     p.add_argument("--lines", type=int, default=0, metavar="N",
                    help="also print each kernel's N source lines with the most SASS instructions")
+    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="TritonConfig fields over the defaults, e.g. block_d_bwd=32 rows_bwd=2 sub_chunk_bwd=2")
     args = p.parse_args()
-    rows = _scan_rows(args.sass, args.lines)
+    config = {k: int(v) for k, v in (item.split("=") for item in args.config)}
+    rows = _scan_rows(args.sass, args.lines, config)
     print_reports(rows)
     for r in rows:
         if "kernel" in r:

@@ -99,10 +99,12 @@ def test_triton_layouts_directions_splits(device, reverse, splits, layout):
 
 @needs_triton
 @pytest.mark.parametrize("device", triton_devices())
-@pytest.mark.parametrize("bwd", [{}, {"sub_chunk_bwd": 1}], ids=["sub4", "sub1_bwd"])
+@pytest.mark.parametrize("bwd", [{}, {"sub_chunk_bwd": 1}, {"rows_bwd": 2, "sub_chunk_bwd": 2}, {"rows_bwd": 1}],
+                         ids=["default", "sub1_bwd", "rows2_bwd", "rows1_bwd"])
 def test_triton_splits_long_grouped(device, bwd):
     """Many splits over a long sequence with grouped B/C and no D or z: the carries chain through every split.
-    Also the backward with tiles of a different length than the forward's (one step)."""
+    Also the backward with tiles of a different length than the forward's (one step), and with its channels
+    laid out as one or two rows per thread."""
     batch, dim, N = (1, 4, 4) if device == "cpu" else (2, 64, 16)
     dtype = torch.float64 if device == "cpu" else torch.float32
     t, flags = make_inputs(batch, dim, 301, N, 2, "z_bias_last", dtype, device, seed=23)

@@ -37,9 +37,11 @@ tiles backwards with the adjoint g_t = dL/dx_t:
 Inside a tile both directions are scans with three-part elements, so nothing is shifted by one step and
 nothing is divided: a_t x_{t-1} comes from a forward scan of (a, 0, b) (:func:`_decayed_input_combine`;
 not from x_t - b_t, which cancels to rounding noise when the decay is strong), and g from a reverse
-scan of (a, 1, C dy) (:func:`_adjoint_combine`). dB and dC are summed over a program's channels in
-registers and over programs with atomic adds into (batch, groups, L, N) float32; dA, dD and
-d(delta_bias) are written per batch row and summed on the host.
+scan of (a, 1, C dy) (:func:`_adjoint_combine`). dB and dC are summed over a program's channels (in
+registers and across lanes) and over programs with atomic adds into (batch, groups, L, N) float32; dA, dD
+and d(delta_bias) are written per batch row and summed on the host. The backward's tiles are
+(SUB, ROWS, N, LANES_D): each thread holds ROWS channels, so the sums over channels first add in registers
+and cross fewer lanes (see :func:`_bwd_kernel`).
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on CPU tensors
 through Triton's interpreter; that is how CI tests them without a GPU.
@@ -119,23 +121,28 @@ def _adjoint_scan(a, cy):
 
 
 @triton.jit
-def _tile_steps(s0, offs_s, end, mask_d, mask_n, REVERSE: tl.constexpr, L):
-    """The tile of scan steps s0 + offs_s (those before ``end``): their positions in memory (L - 1 - s when
-    REVERSE), and the masks over (SUB, BD) and (SUB, BN)."""
+def _step_positions(s0, offs_s, end, REVERSE: tl.constexpr, L):
+    """The tile of scan steps s0 + offs_s: their positions in memory (L - 1 - s when REVERSE) and which come
+    before ``end``."""
     s = s0 + offs_s
-    mask_t = s < end
     if REVERSE:
-        tm = L - 1 - s
-    else:
-        tm = s
+        return L - 1 - s, s < end
+    return s, s < end
+
+
+@triton.jit
+def _tile_steps(s0, offs_s, end, mask_d, mask_n, REVERSE: tl.constexpr, L):
+    """:func:`_step_positions` and the masks over (SUB, BD) and (SUB, BN)."""
+    tm, mask_t = _step_positions(s0, offs_s, end, REVERSE, L)
     return tm, mask_t[:, None] & mask_d[None, :], mask_t[:, None] & mask_n[None, :]
 
 
 @triton.jit
 def _dt_of(raw, m_td, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr):
-    """(delta + bias, dt) from loaded delta: dt is its softplus when SOFTPLUS, zero at masked steps."""
+    """(delta + bias, dt) from loaded delta (``bias`` broadcast to it): dt is its softplus when SOFTPLUS, zero at
+    masked steps."""
     if HAS_BIAS:
-        raw = raw + bias[None, :]
+        raw = raw + bias
     if SOFTPLUS:
         dt = _softplus(raw, FAST_LOG)
     else:
@@ -216,7 +223,7 @@ def _fwd_kernel(
             C_n = tl.load(C_ptr + C_row[None, :] + tn[:, None] * sC_l, mask=n_tn, other=0.0).to(CT)
             if HAS_Z:
                 z_n = tl.load(z_ptr + z_row[None, :] + tn[:, None] * sz_l, mask=n_td, other=0.0).to(CT)
-        dt_raw, dt = _dt_of(dt_in, m_td, bias, HAS_BIAS, SOFTPLUS, FAST_LOG)
+        dt_raw, dt = _dt_of(dt_in, m_td, bias[None, :], HAS_BIAS, SOFTPLUS, FAST_LOG)
         a = tl.exp2((dt * LOG2E)[:, None, :] * A[None, :, :])  # (SUB, BN, BD)
         bx = (dt * u)[:, None, :] * Bt[:, :, None]
         a_cum, b_cum = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
@@ -274,6 +281,13 @@ def _combine_kernel(
 
 
 @triton.jit
+def _rows_tile(s0, offs_s, end, mask_d, mask_n, REVERSE: tl.constexpr, L):
+    """:func:`_step_positions` and the masks over the backward's (SUB, ROWS, LANES_D) and (SUB, BN)."""
+    tm, mask_t = _step_positions(s0, offs_s, end, REVERSE, L)
+    return tm, mask_t[:, None, None] & mask_d[None, :, :], mask_t[:, None] & mask_n[None, :]
+
+
+@triton.jit
 def _bwd_kernel(
     u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, ckpt_ptr, carry_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
@@ -282,32 +296,42 @@ def _bwd_kernel(
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, LOCAL: tl.constexpr, HAS_CARRY: tl.constexpr, FAST_LOG: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, CT: tl.constexpr,
+    ROWS: tl.constexpr, LANES_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+    CT: tl.constexpr,
 ):
-    """One program: batch row x block of channels x split, walking the split's chunks from the last.
+    """One program: batch row x block of ROWS * LANES_D channels x split, walking the split's chunks from the last.
+
+    Tiles are (SUB, ROWS, BLOCK_N, LANES_D), channel ``r * LANES_D + l`` of the block at row r, lane l: Triton's
+    default layout puts LANES_D lanes on the last axis and the warp's other lanes on the states, and keeps the
+    steps and the rows in each thread's registers. The sums of dB and dC over the channels add a thread's rows
+    first and only then cross the lanes, so ROWS channels per thread divide their shuffles by ROWS (those sums
+    were a third of the kernel's instructions with one channel per thread).
 
     LOCAL: only the adjoint, from a zero carry, storing the carry the split passes on to the one before it
     (a_first g_first) in ``carry_ptr``'s place for this split -- the host combines splits. Otherwise the full
     backward from the split's carry (``carry``: (batch, n_splits, N, dim), or zero). ``sg_*``: dout's strides;
     ``so_*``: the strides of du, ddelta and dz; dB, dC are float32 (batch, groups, N, L)."""
+    BLOCK_D: tl.constexpr = ROWS * LANES_D
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, ROWS)[:, None] * LANES_D + tl.arange(0, LANES_D)[None, :]  # (ROWS, LANES_D)
+    offs_d = pid_d * BLOCK_D + offs_c
     offs_n = tl.arange(0, BLOCK_N)
     offs_s = tl.arange(0, SUB)
     mask_d = offs_d < dim
     mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
+    state_nd = offs_n[None, :, None] * dim + offs_d[:, None, :]  # (ROWS, BN, LANES_D) within a (N, dim) state
+    mask_nd = mask_n[None, :, None] & mask_d[:, None, :]
     group = (pid_d * BLOCK_D) // channels_per_group
-    A = tl.load(At_ptr + offs_n[:, None] * dim + offs_d[None, :], mask=mask_nd, other=0.0).to(CT)  # (BN, BD)
+    A = tl.load(At_ptr + state_nd, mask=mask_nd, other=0.0).to(CT)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(CT)
     else:
-        bias = tl.zeros((BLOCK_D,), dtype=CT)
-    u_row = pid_b * su_b + offs_d * su_d
+        bias = tl.zeros((ROWS, LANES_D), dtype=CT)
+    u_row = pid_b * su_b + offs_d * su_d  # (ROWS, LANES_D)
     dt_row = pid_b * sdt_b + offs_d * sdt_d
     z_row = pid_b * sz_b + offs_d * sz_d
     g_row = pid_b * sg_b + offs_d * sg_d
@@ -315,18 +339,20 @@ def _bwd_kernel(
     B_row = pid_b * sB_b + group * sB_g + offs_n * sB_n
     C_row = pid_b * sC_b + group * sC_g + offs_n * sC_n
     dBC_row = (pid_b * n_groups + group) * L * N + offs_n  # dB, dC: float32 (batch, groups, L, N)
-    state_nd = offs_n[:, None] * dim + offs_d[None, :]
     split_off = (pid_b * n_splits + pid_s) * N * dim
     scratch = (scratch_ptr + ((pid_b * n_blocks + pid_d) * n_splits + pid_s) * (CHUNK // SUB) * (BLOCK_N * BLOCK_D)
-               + offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :])
+               + (tl.arange(0, ROWS)[:, None, None] * BLOCK_N + offs_n[None, :, None]) * LANES_D
+               + tl.arange(0, LANES_D)[None, None, :])
+    last = (offs_s == SUB - 1)[:, None, None, None]
+    first = (offs_s == 0)[:, None, None, None]
 
     if HAS_CARRY:
         h = tl.load(carry_ptr + split_off + state_nd, mask=mask_nd, other=0.0).to(CT)
     else:
-        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=CT)
-    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=CT)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=CT)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=CT)
+        h = tl.zeros((ROWS, BLOCK_N, LANES_D), dtype=CT)
+    dA_acc = tl.zeros((ROWS, BLOCK_N, LANES_D), dtype=CT)
+    dD_acc = tl.zeros((ROWS, LANES_D), dtype=CT)
+    dbias_acc = tl.zeros((ROWS, LANES_D), dtype=CT)
 
     c_begin = pid_s * chunks_per_split
     c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
@@ -340,102 +366,104 @@ def _bwd_kernel(
                         other=0.0).to(CT)
             tl.debug_barrier()  # the previous chunk's reverse walk has read its scratch
             # each tile's loads are issued one tile ahead (the last iteration reloads its own tile, unused)
-            tm, m_td, m_tn = _tile_steps(t0, offs_s, L, mask_d, mask_n, REVERSE, L)
-            u_n = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)
-            dt_n = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
+            tm, m_td, m_tn = _rows_tile(t0, offs_s, L, mask_d, mask_n, REVERSE, L)
+            u_n = tl.load(u_ptr + u_row[None] + tm[:, None, None] * su_l, mask=m_td, other=0.0).to(CT)
+            dt_n = tl.load(delta_ptr + dt_row[None] + tm[:, None, None] * sdt_l, mask=m_td, other=0.0).to(CT)
             B_n = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)
             for j in range(n_sub):
                 u, dt_in, Bt = u_n, dt_n, B_n
-                tm, m_td, m_tn = _tile_steps(t0 + j * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
-                tn, n_td, n_tn = _tile_steps(t0 + tl.minimum(j + 1, n_sub - 1) * SUB, offs_s, L, mask_d, mask_n,
-                                             REVERSE, L)
-                u_n = tl.load(u_ptr + u_row[None, :] + tn[:, None] * su_l, mask=n_td, other=0.0).to(CT)
-                dt_n = tl.load(delta_ptr + dt_row[None, :] + tn[:, None] * sdt_l, mask=n_td, other=0.0).to(CT)
+                tm, m_td, m_tn = _rows_tile(t0 + j * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
+                tn, n_td, n_tn = _rows_tile(t0 + tl.minimum(j + 1, n_sub - 1) * SUB, offs_s, L, mask_d, mask_n,
+                                            REVERSE, L)
+                u_n = tl.load(u_ptr + u_row[None] + tn[:, None, None] * su_l, mask=n_td, other=0.0).to(CT)
+                dt_n = tl.load(delta_ptr + dt_row[None] + tn[:, None, None] * sdt_l, mask=n_td, other=0.0).to(CT)
                 B_n = tl.load(B_ptr + B_row[None, :] + tn[:, None] * sB_l, mask=n_tn, other=0.0).to(CT)
-                dt_raw, dt = _dt_of(dt_in, m_td, bias, HAS_BIAS, SOFTPLUS, FAST_LOG)
+                dt_raw, dt = _dt_of(dt_in, m_td, bias[None], HAS_BIAS, SOFTPLUS, FAST_LOG)
                 tl.store(scratch + j * (BLOCK_N * BLOCK_D), x)  # state before tile j
-                a = tl.exp2((dt * LOG2E)[:, None, :] * A[None, :, :])
-                bx = (dt * u)[:, None, :] * Bt[:, :, None]
+                a = tl.exp2((dt * LOG2E)[:, :, None, :] * A[None])  # (SUB, ROWS, BN, LANES_D)
+                bx = (dt * u)[:, :, None, :] * Bt[:, None, :, None]
                 a_cum, b_cum = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
-                x = tl.sum(tl.where((offs_s == SUB - 1)[:, None, None], a_cum * x[None, :, :] + b_cum, -0.0), axis=0)
+                x = tl.sum(tl.where(last, a_cum * x[None] + b_cum, -0.0), axis=0)
             tl.debug_barrier()  # the states are in the scratch before they are read back
         # the reverse walk, its loads one tile ahead too
-        tm, m_td, m_tn = _tile_steps(t0 + (n_sub - 1) * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
-        dt_n = tl.load(delta_ptr + dt_row[None, :] + tm[:, None] * sdt_l, mask=m_td, other=0.0).to(CT)
+        tm, m_td, m_tn = _rows_tile(t0 + (n_sub - 1) * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
+        dt_n = tl.load(delta_ptr + dt_row[None] + tm[:, None, None] * sdt_l, mask=m_td, other=0.0).to(CT)
         C_n = tl.load(C_ptr + C_row[None, :] + tm[:, None] * sC_l, mask=m_tn, other=0.0).to(CT)
-        dy_n = tl.load(dout_ptr + g_row[None, :] + tm[:, None] * sg_l, mask=m_td, other=0.0).to(CT)
-        z_n = tl.zeros((SUB, BLOCK_D), dtype=CT)
+        dy_n = tl.load(dout_ptr + g_row[None] + tm[:, None, None] * sg_l, mask=m_td, other=0.0).to(CT)
+        z_n = tl.zeros((SUB, ROWS, LANES_D), dtype=CT)
         if HAS_Z:
-            z_n = tl.load(z_ptr + z_row[None, :] + tm[:, None] * sz_l, mask=m_td, other=0.0).to(CT)
-        u_n = tl.zeros((SUB, BLOCK_D), dtype=CT)
+            z_n = tl.load(z_ptr + z_row[None] + tm[:, None, None] * sz_l, mask=m_td, other=0.0).to(CT)
+        u_n = tl.zeros((SUB, ROWS, LANES_D), dtype=CT)
         B_n = tl.zeros((SUB, BLOCK_N), dtype=CT)
-        x_n = tl.zeros((BLOCK_N, BLOCK_D), dtype=CT)
+        x_n = tl.zeros((ROWS, BLOCK_N, LANES_D), dtype=CT)
         if not LOCAL:
-            u_n = tl.load(u_ptr + u_row[None, :] + tm[:, None] * su_l, mask=m_td, other=0.0).to(CT)
+            u_n = tl.load(u_ptr + u_row[None] + tm[:, None, None] * su_l, mask=m_td, other=0.0).to(CT)
             B_n = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)
             x_n = tl.load(scratch + (n_sub - 1) * (BLOCK_N * BLOCK_D))
         for jj in range(n_sub):
             j = n_sub - 1 - jj
             dt_in, Ct, dy, zt, u, Bt, x_in = dt_n, C_n, dy_n, z_n, u_n, B_n, x_n
-            tm, m_td, m_tn = _tile_steps(t0 + j * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
+            tm, m_td, m_tn = _rows_tile(t0 + j * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
             jn = tl.maximum(j - 1, 0)
-            tn, n_td, n_tn = _tile_steps(t0 + jn * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
-            dt_n = tl.load(delta_ptr + dt_row[None, :] + tn[:, None] * sdt_l, mask=n_td, other=0.0).to(CT)
+            tn, n_td, n_tn = _rows_tile(t0 + jn * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
+            dt_n = tl.load(delta_ptr + dt_row[None] + tn[:, None, None] * sdt_l, mask=n_td, other=0.0).to(CT)
             C_n = tl.load(C_ptr + C_row[None, :] + tn[:, None] * sC_l, mask=n_tn, other=0.0).to(CT)
-            dy_n = tl.load(dout_ptr + g_row[None, :] + tn[:, None] * sg_l, mask=n_td, other=0.0).to(CT)
+            dy_n = tl.load(dout_ptr + g_row[None] + tn[:, None, None] * sg_l, mask=n_td, other=0.0).to(CT)
             if HAS_Z:
-                z_n = tl.load(z_ptr + z_row[None, :] + tn[:, None] * sz_l, mask=n_td, other=0.0).to(CT)
+                z_n = tl.load(z_ptr + z_row[None] + tn[:, None, None] * sz_l, mask=n_td, other=0.0).to(CT)
             if not LOCAL:
-                u_n = tl.load(u_ptr + u_row[None, :] + tn[:, None] * su_l, mask=n_td, other=0.0).to(CT)
+                u_n = tl.load(u_ptr + u_row[None] + tn[:, None, None] * su_l, mask=n_td, other=0.0).to(CT)
                 B_n = tl.load(B_ptr + B_row[None, :] + tn[:, None] * sB_l, mask=n_tn, other=0.0).to(CT)
                 x_n = tl.load(scratch + jn * (BLOCK_N * BLOCK_D))
-            dt_raw, dt = _dt_of(dt_in, m_td, bias, HAS_BIAS, SOFTPLUS, FAST_LOG)
-            a = tl.exp2((dt * LOG2E)[:, None, :] * A[None, :, :])  # (SUB, BN, BD)
+            dt_raw, dt = _dt_of(dt_in, m_td, bias[None], HAS_BIAS, SOFTPLUS, FAST_LOG)
+            a = tl.exp2((dt * LOG2E)[:, :, None, :] * A[None])  # (SUB, ROWS, BN, LANES_D)
+            C4 = Ct[:, None, :, None]
             if LOCAL:
                 if HAS_Z:
                     dy = dy * zt * _sigmoid(zt)
-                cy = dy[:, None, :] * Ct[:, :, None]
-                q, sg = _adjoint_scan(a, cy)
-                g = sg + q * h[None, :, :]
-                h = tl.sum(tl.where((offs_s == 0)[:, None, None], a * g, -0.0), axis=0)
+                q, sg = _adjoint_scan(a, dy[:, :, None, :] * C4)
+                g = sg + q * h[None]
+                h = tl.sum(tl.where(first, a * g, -0.0), axis=0)
             else:
                 dtu = dt * u
-                bx = dtu[:, None, :] * Bt[:, :, None]
+                B4 = Bt[:, None, :, None]
+                bx = dtu[:, :, None, :] * B4
                 p, s2, _ = tl.associative_scan((a, tl.zeros_like(a), bx), axis=0,
                                                combine_fn=_decayed_input_combine)
-                ax = s2 + p * x_in[None, :, :]  # a_t x_{t-1}
+                ax = s2 + p * x_in[None]  # a_t x_{t-1}
                 xs = ax + bx
                 if HAS_Z:
-                    y = tl.sum(xs * Ct[:, :, None], axis=1)
+                    y = tl.sum(xs * C4, axis=2)  # (SUB, ROWS, LANES_D)
                     if HAS_D:
-                        y = y + Dv[None, :] * u
+                        y = y + Dv[None] * u
                     sig_z = _sigmoid(zt)
                     dz = dy * y * sig_z * (1.0 + zt * (1.0 - sig_z))
-                    tl.store(dz_ptr + o_row[None, :] + tm[:, None] * so_l, dz.to(dz_ptr.dtype.element_ty), mask=m_td)
+                    tl.store(dz_ptr + o_row[None] + tm[:, None, None] * so_l, dz.to(dz_ptr.dtype.element_ty),
+                             mask=m_td)
                     dy = dy * zt * sig_z
-                cy = dy[:, None, :] * Ct[:, :, None]
-                q, sg = _adjoint_scan(a, cy)
-                g = sg + q * h[None, :, :]
-                dC = tl.sum(dy[:, None, :] * xs, axis=2)  # (SUB, BN)
-                dB = tl.sum(g * dtu[:, None, :], axis=2)
-                du = dt * tl.sum(g * Bt[:, :, None], axis=1)  # (SUB, BD)
+                q, sg = _adjoint_scan(a, dy[:, :, None, :] * C4)
+                g = sg + q * h[None]
+                # sums over the channels: a thread's rows in registers first, then across the lanes
+                dC = tl.sum(tl.sum(dy[:, :, None, :] * xs, axis=1), axis=2)  # (SUB, BN)
+                dB = tl.sum(tl.sum(g * dtu[:, :, None, :], axis=1), axis=2)
+                du = dt * tl.sum(g * B4, axis=2)  # (SUB, ROWS, LANES_D)
                 if HAS_D:
-                    du = du + dy * Dv[None, :]
+                    du = du + dy * Dv[None]
                     dD_acc += tl.sum(dy * u, axis=0)
-                ddt = tl.sum(g * (Bt[:, :, None] * u[:, None, :] + A[None, :, :] * ax), axis=1)
-                dA_acc += tl.sum(g * ax * dt[:, None, :], axis=0)
+                ddt = tl.sum(g * (B4 * u[:, :, None, :] + A[None] * ax), axis=2)
+                dA_acc += tl.sum(g * ax * dt[:, :, None, :], axis=0)
                 if SOFTPLUS:
                     ddt = ddt * _sigmoid(dt_raw)
                 ddt = tl.where(m_td, ddt, 0.0)
                 dbias_acc += tl.sum(ddt, axis=0)
-                tl.store(du_ptr + o_row[None, :] + tm[:, None] * so_l, du.to(du_ptr.dtype.element_ty), mask=m_td)
-                tl.store(ddelta_ptr + o_row[None, :] + tm[:, None] * so_l, ddt.to(ddelta_ptr.dtype.element_ty),
+                tl.store(du_ptr + o_row[None] + tm[:, None, None] * so_l, du.to(du_ptr.dtype.element_ty), mask=m_td)
+                tl.store(ddelta_ptr + o_row[None] + tm[:, None, None] * so_l, ddt.to(ddelta_ptr.dtype.element_ty),
                          mask=m_td)
                 # summed over the channels of the group: per block here, across blocks by atomics (a tile's
                 # (SUB, N) sums are contiguous)
                 tl.atomic_add(dB_ptr + dBC_row[None, :] + tm[:, None] * N, dB, mask=m_tn, sem="relaxed")
                 tl.atomic_add(dC_ptr + dBC_row[None, :] + tm[:, None] * N, dC, mask=m_tn, sem="relaxed")
-                h = tl.sum(tl.where((offs_s == 0)[:, None, None], a * g, -0.0), axis=0)
+                h = tl.sum(tl.where(first, a * g, -0.0), axis=0)
 
     if LOCAL:
         tl.store(carry_ptr + split_off + state_nd, h, mask=mask_nd)
@@ -463,7 +491,11 @@ class TritonConfig:
     enough for ``programs_per_sm``. A split costs a second, partial pass over its inputs, so it pays only when
     the GPU would otherwise idle: on an H200 at batch 128, L 197, dim 384 (11.6 programs per multiprocessor),
     two splits made the forward kernel 0.089 -> 0.172 ms and the backward 0.81 -> 1.15 ms; at batch 16,
-    L 6085 (1.5 per multiprocessor), 22 splits made the forward 1.80 -> 0.62 ms and the backward 5.3 -> 4.2 ms."""
+    L 6085 (1.5 per multiprocessor), 22 splits made the forward 1.80 -> 0.62 ms and the backward 5.3 -> 4.2 ms.
+    ``rows_bwd``: channels each thread of the backward holds (its ``block_d_bwd`` channels are ``rows_bwd`` rows
+    of lanes; capped at the program's channels). On an H100 (bf16, Vim-Ti shapes, 4-step tiles) the backward
+    kernel took 0.905 ms with 16 channels in 2 rows against 1.104 ms in 1 row (16 lanes on channels) at batch
+    256, L 197, and 1.937 against 2.348 ms at batch 16, L 6085; 4 rows took 1.026 and 2.178 ms."""
 
     block_d: int = 32
     block_d_bwd: int = 16
@@ -475,6 +507,7 @@ class TritonConfig:
     splits: int | None = None
     programs_per_sm: int = 32
     split_below: int = 8
+    rows_bwd: int = 2
 
     @property
     def bwd_sub_chunk(self) -> int:
@@ -486,6 +519,8 @@ class TritonConfig:
             if sub & (sub - 1) or self.chunk % sub:
                 raise ValueError(f"selective_scan_triton: sub_chunk and sub_chunk_bwd ({sub}) must be powers of "
                                  f"two dividing chunk ({self.chunk})")
+        if self.rows_bwd < 1 or self.rows_bwd & (self.rows_bwd - 1):
+            raise ValueError(f"selective_scan_triton: rows_bwd must be a power of two, got {self.rows_bwd}")
         if self.splits is not None and self.splits < 1:
             raise ValueError(f"selective_scan_triton: splits must be >= 1 or None, got {self.splits}")
 
@@ -493,7 +528,7 @@ class TritonConfig:
         """The fields in order, None as 0 (no field takes 0): how the config crosses a custom op's schema."""
         return [self.block_d, self.block_d_bwd, self.sub_chunk, self.sub_chunk_bwd or 0, self.chunk,
                 self.num_warps or 0, self.num_warps_bwd or 0, self.splits or 0, self.programs_per_sm,
-                self.split_below]
+                self.split_below, self.rows_bwd]
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
@@ -544,6 +579,17 @@ def _flags(cfg: TritonConfig, bd: int, bn: int, dtype: torch.dtype, D, z, delta_
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                 REVERSE=reverse, FAST_LOG=dtype != torch.float64 and not interpreter_active(), BLOCK_D=bd, BLOCK_N=bn, CHUNK=cfg.chunk, SUB=sub or cfg.sub_chunk,
                 CT=_tl_compute_dtype(dtype), num_warps=num_warps or max(1, bd // 32))
+
+
+def _bwd_flags(cfg: TritonConfig, bd: int, bn: int, dtype: torch.dtype, D, z, delta_bias, softplus: bool,
+               reverse: bool) -> dict:
+    """The backward kernel's flags: its ``bd`` channels as ROWS rows of LANES_D lanes."""
+    rows = min(cfg.rows_bwd, bd)
+    flags = _flags(cfg, bd // rows, bn, dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps_bwd,
+                   cfg.bwd_sub_chunk)
+    flags["LANES_D"] = flags.pop("BLOCK_D")
+    flags["ROWS"] = rows
+    return flags
 
 
 def _empty_in_layout(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -647,7 +693,7 @@ def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, sof
     dbias_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
     if L > 0:
         sub = cfg.bwd_sub_chunk
-        flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps_bwd, sub)
+        flags = _bwd_flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse)
         scratch = torch.empty(batch * n_blocks * n_splits * (cfg.chunk // sub) * bd * bn, device=dev, dtype=ct)
         grads = [du, ddelta, du if dz is None else dz, dB, dC, dA_part, dD_part, dbias_part]
         sizes = [dim, L, N, dim // groups, groups, n_chunks, per_split, n_splits, n_blocks,
