@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.models.mamba import BiMambaMixer
+from mmpretrain.models.mamba import BiMambaMixer, aligned_projections
 from mmpretrain.ops.causal_conv1d import causal_conv1d
 
 
@@ -77,6 +77,33 @@ def test_torch_and_reference_backends_agree_with_gradients():
     names = ["input"] + [n for n, _ in ref.named_parameters()]
     for name, a, b in zip(names, grads_ref, grads_fast):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10, msg=lambda s, name=name: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("rank", [12, 16, 5])
+def test_aligned_projections_are_the_same_products(rank):
+    """dt_rank padded to a multiple of 8 by zero rows and columns (what the mixer does on CUDA): the same dt, B, C
+    and delta, and the same gradients for the real weights."""
+    N, E = 4, 10
+    x = torch.randn(3, 7, E, dtype=torch.float64)
+    w_x = torch.randn(rank + 2 * N, E, dtype=torch.float64, requires_grad=True)
+    w_dt = torch.randn(E, rank, dtype=torch.float64, requires_grad=True)
+
+    def outputs(pad: bool):
+        wx, wdt, r = aligned_projections(w_x, w_dt, rank) if pad else (w_x, w_dt, rank)
+        dt, B, C = torch.split(F.linear(x, wx), [r, N, N], dim=-1)
+        return F.linear(dt, wdt), B, C, r
+
+    *plain, r_plain = outputs(False)
+    *padded, r_padded = outputs(True)
+    assert r_plain == rank and r_padded % 8 == 0 and r_padded - rank < 8
+    for a, b in zip(plain, padded):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    g = [torch.randn_like(t) for t in plain]
+    grads_plain = torch.autograd.grad(plain, [w_x, w_dt], g)
+    grads_padded = torch.autograd.grad(padded, [w_x, w_dt], g)
+    for a, b in zip(grads_plain, grads_padded):
+        assert b.shape == a.shape
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
 
 
 def test_mamba_initialisation_for_both_directions():
