@@ -89,7 +89,8 @@ def _conv_dpre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dw_ptr, db_ptr, d
                       BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CT: tl.constexpr):
     """Backward, first pass. One program per (batch row, block of output steps t, block of channels):
     dpre_t = dout_t silu'(pre_t) into ``dpre`` ((batch, L, dim), compute dtype), and the weight and bias
-    gradients summed over the program's steps, stored per (batch row, block of steps) for the host to sum."""
+    gradients summed over the program's steps and added atomically into zeroed float32 ``dw`` (dim, K) and ``db``
+    (dim,) (a host-side sum of per-program partials was one more small reduction kernel each)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -113,10 +114,10 @@ def _conv_dpre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dw_ptr, db_ptr, d
         m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
         xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
         dw += tl.where((offs_k == j)[:, None], tl.sum(dpre * xv, axis=0)[None, :], 0.0)
-    part = pid_b * tl.num_programs(1) + pid_l
-    tl.store(db_ptr + part * dim + offs_d, tl.sum(dpre, axis=0), mask=mask_d)
-    tl.store(dw_ptr + (part * dim + offs_d[None, :]) * K + offs_k[:, None], dw,
-             mask=(offs_k < K)[:, None] & mask_d[None, :])
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + offs_d, tl.sum(dpre, axis=0), mask=mask_d, sem="relaxed")
+    tl.atomic_add(dw_ptr + offs_d[None, :] * K + offs_k[:, None], dw, mask=(offs_k < K)[:, None] & mask_d[None, :],
+                  sem="relaxed")
 
 
 @triton.jit
@@ -179,9 +180,8 @@ def _conv_backward(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: t
     dpre = torch.empty(batch, L, dim, device=x.device, dtype=ct)
     block_l, block_d, warps = DPRE_BLOCKS
     grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
-    parts = batch * grid[1]  # per (batch row, block of steps), summed below
-    dw = torch.empty(parts, dim, K, device=x.device, dtype=ct)
-    db = torch.empty(parts, dim, device=x.device, dtype=ct)
+    dw = torch.zeros(dim, K, device=x.device, dtype=ct)  # summed over programs by atomic adds
+    db = torch.zeros(dim, device=x.device, dtype=ct) if bias is not None else dw
     sign = -1 if reverse else 1
     _conv_dpre_kernel[grid](x, w, w if bias is None else bias, dout, dpre, dw, db, dim, L,
                             *x.stride(), *dout.stride(),
@@ -191,7 +191,7 @@ def _conv_backward(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: t
     grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
     _conv_dx_kernel[grid](dpre, w, dx, dim, L, *dx.stride(), K=K, SIGN=sign, BLOCK_L=block_l, BLOCK_D=block_d,
                           CT=_ct(x.dtype), num_warps=warps)
-    return dx, dw.sum(0).to(w.dtype), (db.sum(0).to(bias.dtype) if bias is not None else None)
+    return dx, dw.to(w.dtype), (db.to(bias.dtype) if bias is not None else None)
 
 
 class CausalConv1dTriton(torch.autograd.Function):

@@ -39,7 +39,7 @@ nothing is divided: a_t x_{t-1} comes from a forward scan of (a, 0, b) (:func:`_
 not from x_t - b_t, which cancels to rounding noise when the decay is strong), and g from a reverse
 scan of (a, 1, C dy) (:func:`_adjoint_combine`). dB and dC are summed over a program's channels (in
 registers and across lanes) and over programs with atomic adds into (batch, groups, L, N) float32; dA, dD
-and d(delta_bias) are written per batch row and summed on the host. The backward's tiles are
+and d(delta_bias) are summed over a program's steps in registers and over programs with atomic adds too. The backward's tiles are
 (SUB, ROWS, N, LANES_D): each thread holds ROWS channels, so the sums over channels first add in registers
 and cross fewer lanes (see :func:`_bwd_kernel`).
 
@@ -290,7 +290,7 @@ def _rows_tile(s0, offs_s, end, mask_d, mask_n, REVERSE: tl.constexpr, L):
 @triton.jit
 def _bwd_kernel(
     u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, ckpt_ptr, carry_ptr, scratch_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
     dim, L, N, channels_per_group, n_groups, n_chunks, chunks_per_split, n_splits, n_blocks,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l, so_b, so_d, so_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
@@ -470,10 +470,13 @@ def _bwd_kernel(
     if LOCAL:
         tl.store(carry_ptr + split_off + state_nd, h, mask=mask_nd)
     else:
-        part = pid_b * n_splits + pid_s
-        tl.store(dA_part_ptr + part * N * dim + state_nd, dA_acc, mask=mask_nd)
-        tl.store(dD_part_ptr + part * dim + offs_d, dD_acc, mask=mask_d)
-        tl.store(dbias_part_ptr + part * dim + offs_d, dbias_acc, mask=mask_d)
+        # summed over batch rows and splits by atomic adds into zeroed float32 (N, dim) and (dim,) (one small reduction
+        # kernel each on the host cost more than these adds)
+        tl.atomic_add(dA_ptr + state_nd, dA_acc, mask=mask_nd, sem="relaxed")
+        if HAS_D:
+            tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d, sem="relaxed")
+        if HAS_BIAS:
+            tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d, sem="relaxed")
 
 
 def _tl_compute_dtype(dtype: torch.dtype):
@@ -685,19 +688,20 @@ def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, sof
         g = _empty_in_layout(u, dtype)
         return g if L > 0 else g.zero_()
 
-    alloc = torch.empty if L > 0 else torch.zeros  # the kernel writes every element but the atomics' targets
     du, ddelta = grad_like(u.dtype), grad_like(delta.dtype)
     dz = grad_like(z.dtype) if z is not None else None
-    dB = torch.zeros(batch, groups, L, N, device=dev, dtype=ct)  # summed over blocks by atomics
+    # summed over programs by atomic adds
+    dB = torch.zeros(batch, groups, L, N, device=dev, dtype=ct)
     dC = torch.zeros(batch, groups, L, N, device=dev, dtype=ct)
-    dA_part = alloc(batch * n_splits, N, dim, device=dev, dtype=ct)
-    dD_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
-    dbias_part = alloc(batch * n_splits, dim, device=dev, dtype=ct)
+    dA_t = torch.zeros(N, dim, device=dev, dtype=ct)
+    dD = torch.zeros(dim, device=dev, dtype=ct) if D is not None else None
+    dbias = torch.zeros(dim, device=dev, dtype=ct) if delta_bias is not None else None
     if L > 0:
         sub = cfg.bwd_sub_chunk
         flags = _bwd_flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse)
         scratch = torch.empty(batch * n_blocks * n_splits * (cfg.chunk // sub) * bd * bn, device=dev, dtype=ct)
-        grads = [du, ddelta, du if dz is None else dz, dB, dC, dA_part, dD_part, dbias_part]
+        grads = [du, ddelta, du if dz is None else dz, dB, dC, dA_t, dA_t if dD is None else dD,
+                 dA_t if dbias is None else dbias]
         sizes = [dim, L, N, dim // groups, groups, n_chunks, per_split, n_splits, n_blocks,
                  *u.stride(), *delta.stride(), *_strides(z, 3), *dout.stride(), *du.stride(),
                  *B.stride(), *C.stride()]
@@ -711,9 +715,9 @@ def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, sof
             carry = _combine(local, dts, A_t, dlast, True, ct)
         _bwd_kernel[(batch, n_blocks, n_splits)](*head, ckpt if carry is None else carry, scratch, *grads, *sizes,
                                                  LOCAL=False, HAS_CARRY=carry is not None, **flags)
-    dA_t = dA_part.sum(0).to(A_t.dtype)
-    dD = dD_part.sum(0).to(D.dtype) if D is not None else None
-    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    dA_t = dA_t.to(A_t.dtype)
+    dD = dD.to(D.dtype) if D is not None else None
+    dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
     # (batch, groups, L, N) -> B's and C's (batch, groups, N, L), as transposed views
     dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)
     return du, ddelta, dA_t, dB, dC, dD, dz, dbias
