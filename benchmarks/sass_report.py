@@ -9,6 +9,7 @@ free of device time. They are the compiler's static view: instructions in the co
     python benchmarks/sass_report.py                      # the selective scan kernels at Vim-Ti's shapes
     python benchmarks/sass_report.py --sass OUT_DIR       # also write each kernel's SASS there
     python benchmarks/sass_report.py --lines 20           # and the 20 source lines with the most instructions
+    python benchmarks/sass_report.py --config block_d_bwd=16 rows_bwd=4   # another launch configuration
 
 ``--lines`` attributes each SASS instruction to the Python line it came from (the line table Triton puts in
 the cubin), with the instruction classes of each line: that is how one finds which statement a kernel spends
@@ -180,7 +181,9 @@ def _scan_rows(sass_dir: Path | None, lines: int = 0, config: dict | None = None
             else:
                 sig[arg] = "i32"
         k = compile_kernel(fn, sig, const, warps or max(1, lanes // 32), divisible=div)
-        label = f"selective_scan_{name}_bd{block}" + (f"_rows{rows_bwd}_sub{cfg.bwd_sub_chunk}" if name == "bwd" else "")
+        label = f"selective_scan_{name}_bd{block}"
+        if name == "bwd":
+            label += f"_rows{rows_bwd}_sub{cfg.bwd_sub_chunk}"
         rows.append(report(k, label, sass_dir))
         if lines:
             rows[-1]["kernel"] = k

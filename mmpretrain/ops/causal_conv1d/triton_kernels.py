@@ -89,8 +89,8 @@ def _conv_dpre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dw_ptr, db_ptr, d
                       BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CT: tl.constexpr):
     """Backward, first pass. One program per (batch row, block of output steps t, block of channels):
     dpre_t = dout_t silu'(pre_t) into ``dpre`` ((batch, L, dim), compute dtype), and the weight and bias
-    gradients summed over the program's steps and added atomically into zeroed float32 ``dw`` (dim, K) and ``db``
-    (dim,) (a host-side sum of per-program partials was one more small reduction kernel each)."""
+    gradients summed over the program's steps and added atomically into zeroed ``dw`` (dim, K) and ``db`` (dim,)
+    of the compute dtype (a host-side sum of per-program partials was one more small reduction kernel each)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)

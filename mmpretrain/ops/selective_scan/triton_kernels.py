@@ -39,9 +39,9 @@ nothing is divided: a_t x_{t-1} comes from a forward scan of (a, 0, b) (:func:`_
 not from x_t - b_t, which cancels to rounding noise when the decay is strong), and g from a reverse
 scan of (a, 1, C dy) (:func:`_adjoint_combine`). dB and dC are summed over a program's channels (in
 registers and across lanes) and over programs with atomic adds into (batch, groups, L, N) float32; dA, dD
-and d(delta_bias) are summed over a program's steps in registers and over programs with atomic adds too. The backward's tiles are
-(SUB, ROWS, N, LANES_D): each thread holds ROWS channels, so the sums over channels first add in registers
-and cross fewer lanes (see :func:`_bwd_kernel`).
+and d(delta_bias) over a program's steps in registers and over programs with atomic adds too. The
+backward's tiles are (SUB, ROWS, N, LANES_D): each thread holds ROWS channels, so the sums over channels
+first add in registers and cross fewer lanes (see :func:`_bwd_kernel`).
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on CPU tensors
 through Triton's interpreter; that is how CI tests them without a GPU.
@@ -470,8 +470,8 @@ def _bwd_kernel(
     if LOCAL:
         tl.store(carry_ptr + split_off + state_nd, h, mask=mask_nd)
     else:
-        # summed over batch rows and splits by atomic adds into zeroed float32 (N, dim) and (dim,) (one small reduction
-        # kernel each on the host cost more than these adds)
+        # summed over batch rows and splits by atomic adds into zeroed (N, dim) and (dim,) buffers of the compute
+        # dtype (a small reduction kernel each, on the host, cost more than these adds)
         tl.atomic_add(dA_ptr + state_nd, dA_acc, mask=mask_nd, sem="relaxed")
         if HAS_D:
             tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d, sem="relaxed")
