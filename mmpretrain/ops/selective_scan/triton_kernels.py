@@ -577,24 +577,15 @@ def _splits(cfg: TritonConfig, programs: int, n_chunks: int, device: torch.devic
     return -(-n_chunks // per), per
 
 
-def _flags(cfg: TritonConfig, bd: int, bn: int, dtype: torch.dtype, D, z, delta_bias, softplus: bool,
-           reverse: bool, num_warps: int | None = None, sub: int | None = None) -> dict:
+def _flags(cfg: TritonConfig, lanes: int, bn: int, dtype: torch.dtype, D, z, delta_bias, softplus: bool,
+           reverse: bool, num_warps: int | None, sub: int) -> dict:
+    """The flags both kernels take; ``lanes``: channels across a program's lanes (its channel block goes with it:
+    BLOCK_D for the forward, ROWS and LANES_D for the backward)."""
     # Triton's default layout gives the lanes to the channel axis first: one warp per 32 channels keeps
     # the state axis inside each warp (no reductions through shared memory)
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                REVERSE=reverse, FAST_LOG=dtype != torch.float64 and not interpreter_active(), BLOCK_D=bd, BLOCK_N=bn, CHUNK=cfg.chunk, SUB=sub or cfg.sub_chunk,
-                CT=_tl_compute_dtype(dtype), num_warps=num_warps or max(1, bd // 32))
-
-
-def _bwd_flags(cfg: TritonConfig, bd: int, bn: int, dtype: torch.dtype, D, z, delta_bias, softplus: bool,
-               reverse: bool) -> dict:
-    """The backward kernel's flags: its ``bd`` channels as ROWS rows of LANES_D lanes."""
-    rows = min(cfg.rows_bwd, bd)
-    flags = _flags(cfg, bd // rows, bn, dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps_bwd,
-                   cfg.bwd_sub_chunk)
-    flags["LANES_D"] = flags.pop("BLOCK_D")
-    flags["ROWS"] = rows
-    return flags
+                REVERSE=reverse, FAST_LOG=dtype != torch.float64 and not interpreter_active(), BLOCK_N=bn,
+                CHUNK=cfg.chunk, SUB=sub, CT=_tl_compute_dtype(dtype), num_warps=num_warps or max(1, lanes // 32))
 
 
 def _empty_in_layout(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -650,7 +641,8 @@ def _forward(u, delta, A_t, B, C, D, z, delta_bias, softplus: bool, reverse: boo
     ckpt = alloc((batch, n_chunks, N, dim), device=u.device, dtype=ct)
     dts = None
     if L > 0:
-        flags = _flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps)
+        flags = dict(_flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps,
+                            cfg.sub_chunk), BLOCK_D=bd)
         args = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
                 u if delta_bias is None else delta_bias, out, ckpt]
         sizes = [dim, L, N, dim // B.shape[1], n_chunks, per_split, n_splits,
@@ -698,7 +690,9 @@ def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, sof
     dbias = torch.zeros(dim, device=dev, dtype=ct) if delta_bias is not None else None
     if L > 0:
         sub = cfg.bwd_sub_chunk
-        flags = _bwd_flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse)
+        rows = min(cfg.rows_bwd, bd)  # the program's bd channels as rows of lanes
+        flags = dict(_flags(cfg, bd // rows, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps_bwd,
+                            sub), ROWS=rows, LANES_D=bd // rows)
         scratch = torch.empty(batch * n_blocks * n_splits * (cfg.chunk // sub) * bd * bn, device=dev, dtype=ct)
         grads = [du, ddelta, du if dz is None else dz, dB, dC, dA_t, dA_t if dD is None else dD,
                  dA_t if dbias is None else dbias]
