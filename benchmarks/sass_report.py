@@ -10,6 +10,7 @@ free of device time. They are the compiler's static view: instructions in the co
     python benchmarks/sass_report.py --sass OUT_DIR       # also write each kernel's SASS there
     python benchmarks/sass_report.py --lines 20           # and the 20 source lines with the most instructions
     python benchmarks/sass_report.py --config block_d_bwd=16 rows_bwd=4   # another launch configuration
+    python benchmarks/sass_report.py --splits             # and the kernels of a split (long) sequence
 
 ``--lines`` attributes each SASS instruction to the Python line it came from (the line table Triton puts in
 the cubin), with the instruction classes of each line: that is how one finds which statement a kernel spends
@@ -151,9 +152,10 @@ def _vim_args(fn) -> tuple[dict, tuple[str, ...]]:
     return const, tuple(div)
 
 
-def _scan_rows(sass_dir: Path | None, lines: int = 0, config: dict | None = None) -> list[dict]:
+def _scan_rows(sass_dir: Path | None, lines: int = 0, config: dict | None = None, splits: bool = False) -> list[dict]:
     """The selective scan kernels as the Vim mixer launches them (bf16 activations, softplus, D, z, bias), with
-    the default launch configuration or ``config``'s fields over it."""
+    the default launch configuration or ``config``'s fields over it. ``splits``: also the variants a split
+    sequence launches (long sequences at small batches): the local passes and the main passes from a carry."""
     from mmpretrain.ops.selective_scan import triton_kernels as tk
 
     cfg = tk.TritonConfig(**(config or {}))
@@ -163,13 +165,16 @@ def _scan_rows(sass_dir: Path | None, lines: int = 0, config: dict | None = None
                  BLOCK_N=16, CHUNK=cfg.chunk)
     types = {"u_ptr": "*bf16", "delta_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "z_ptr": "*bf16",
              "out_ptr": "*bf16", "dout_ptr": "*bf16", "du_ptr": "*bf16", "ddelta_ptr": "*bf16", "dz_ptr": "*bf16"}
-    for name, fn, block, lanes, warps, extra in (
-        ("fwd", tk._fwd_kernel, cfg.block_d, cfg.block_d, cfg.num_warps,
-         dict(BLOCK_D=cfg.block_d, LOCAL=False, HAS_INIT=False, FAST_LOG=True, SUB=cfg.sub_chunk)),
-        ("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.block_d_bwd // rows_bwd, cfg.num_warps_bwd,
-         dict(ROWS=rows_bwd, LANES_D=cfg.block_d_bwd // rows_bwd, LOCAL=False, HAS_CARRY=False, FAST_LOG=True,
-              SUB=cfg.bwd_sub_chunk)),
-    ):
+    variants = [(False, False)] + ([(True, False), (False, True)] if splits else [])  # (LOCAL, from a carry)
+    kernels = []
+    for local, carry in variants:
+        kernels.append(("fwd", tk._fwd_kernel, cfg.block_d, cfg.block_d, cfg.num_warps,
+                        dict(BLOCK_D=cfg.block_d, LOCAL=local, HAS_INIT=carry, FAST_LOG=True, SUB=cfg.sub_chunk)))
+    for local, carry in variants:
+        kernels.append(("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.block_d_bwd // rows_bwd, cfg.num_warps_bwd,
+                        dict(ROWS=rows_bwd, LANES_D=cfg.block_d_bwd // rows_bwd, LOCAL=local, HAS_CARRY=carry,
+                             FAST_LOG=True, SUB=cfg.bwd_sub_chunk)))
+    for name, fn, block, lanes, warps, extra in kernels:
         ones, div = _vim_args(fn)
         const = dict(flags, **extra, **ones)
         sig = {}
@@ -184,6 +189,10 @@ def _scan_rows(sass_dir: Path | None, lines: int = 0, config: dict | None = None
         label = f"selective_scan_{name}_bd{block}"
         if name == "bwd":
             label += f"_rows{rows_bwd}_sub{cfg.bwd_sub_chunk}"
+        if extra["LOCAL"]:
+            label += "_local"
+        elif extra.get("HAS_INIT") or extra.get("HAS_CARRY"):
+            label += "_carry"
         rows.append(report(k, label, sass_dir))
         if lines:
             rows[-1]["kernel"] = k
@@ -197,9 +206,11 @@ def main() -> None:
                    help="also print each kernel's N source lines with the most SASS instructions")
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="TritonConfig fields over the defaults, e.g. block_d_bwd=32 rows_bwd=2 sub_chunk_bwd=2")
+    p.add_argument("--splits", action="store_true",
+                   help="also the kernels a split sequence launches (local passes, main passes from a carry)")
     args = p.parse_args()
     config = {k: int(v) for k, v in (item.split("=") for item in args.config)}
-    rows = _scan_rows(args.sass, args.lines, config)
+    rows = _scan_rows(args.sass, args.lines, config, args.splits)
     print_reports(rows)
     for r in rows:
         if "kernel" in r:

@@ -18,7 +18,7 @@ ordinary scan from it. The backward splits its adjoint the same way, from the ri
 Each program takes SUB steps at a time as a (SUB, N, BLOCK_D) tile: Triton's default layout puts the
 last axis on the lanes, so every thread owns whole channels and the step and state axes live in its
 registers. Within the tile the recurrence x_t = a_t x_{t-1} + b_t (a_t = exp(dt_t A), b_t = dt_t B_t u_t)
-is an associative scan along the step axis, which stays inside each thread (a sequential fma chain),
+runs step by step in each thread's registers (:func:`_recur`: one multiply and one add per state-step),
 and sums over N need no shuffles. (Putting N or the steps on the lanes instead cost 3 to 6 times more
 instructions per state-step: cross-lane reductions, per-channel work replicated over lanes.)
 
@@ -34,10 +34,9 @@ tiles backwards with the adjoint g_t = dL/dx_t:
     du_t += dt_t sum_n g_t B_t                ddt_t = sum_n g_t (B_t u_t + A a_t x_{t-1})
     dA   += g_t a_t x_{t-1} dt_t              dB_t += g_t dt_t u_t,   dC_t += dy_t x_t   (summed over channels)
 
-Inside a tile both directions are scans with three-part elements, so nothing is shifted by one step and
-nothing is divided: a_t x_{t-1} comes from a forward scan of (a, 0, b) (:func:`_decayed_input_combine`;
-not from x_t - b_t, which cancels to rounding noise when the decay is strong), and g from a reverse
-scan of (a, 1, C dy) (:func:`_adjoint_combine`). dB and dC are summed over a program's channels (in
+Inside a tile both recurrences run step by step in registers, forwards for x_t and a_t x_{t-1}
+(:func:`_recur`; a_t x_{t-1} is kept, not formed as x_t - b_t, which cancels to rounding noise when the
+decay is strong) and backwards for g (:func:`_adjoint`). dB and dC are summed over a program's channels (in
 registers and across lanes) and over programs with atomic adds into (batch, groups, L, N) float32; dA, dD
 and d(delta_bias) over a program's steps in registers and over programs with atomic adds too. The
 backward's tiles are (SUB, ROWS, N, LANES_D): each thread holds ROWS channels, so the sums over channels
@@ -85,39 +84,54 @@ def _softplus(x, FAST_LOG: tl.constexpr):
 
 
 @triton.jit
-def _affine_combine(a1, b1, a2, b2):
-    """x -> a1 x + b1, then x -> a2 x + b2 (segment 1 before segment 2)."""
-    return a1 * a2, b1 * a2 + b2
+def _step_of(tile, steps, k: tl.constexpr):
+    """Step k of a tile whose first axis is the steps, keeping that axis (of size 1); ``steps`` holds the axis's
+    indices, broadcastable to the tile. The axis lives in each thread's registers, so the compiler resolves the
+    select per register and folds the sum away: no instructions. The sum runs on the bits as integers, because
+    a float sum's additions of -0.0 do not fold when denormals flush to zero (one add per element, as the
+    forward and backward kernels paid before). The kept axis leaves the step in the tile's own layout, so
+    arithmetic between the steps and a state needs no layout conversions."""
+    if tile.dtype.primitive_bitwidth == 64:
+        bits = tile.to(tl.int64, bitcast=True)
+    else:
+        bits = tile.to(tl.int32, bitcast=True)
+    return tl.sum(tl.where(steps == k, bits, 0), axis=0, keep_dims=True).to(tile.dtype, bitcast=True)
 
 
 @triton.jit
-def _decayed_input_combine(p1, s1, l1, p2, s2, l2):
-    """Segment (prod of a, earlier inputs decayed through the segment's end, last input); 1 before 2.
-
-    For the segment [t0..t] with elements (a_k, 0, bx_k): s = sum_{s<t} prod_{k=s+1..t} a_k bx_s, so that
-    a_t x_{t-1} = s + p x_in exactly, without forming x_t - bx_t.
-    """
-    return p1 * p2, p2 * (s1 + l1) + s2, l2
-
-
-@triton.jit
-def _adjoint_combine(f2, q2, s2, f1, q1, s1):
-    """Reverse scan: the first argument is the later segment. Segment [i..j] of elements (a_k, 1, c_k):
-    f = a_i, q = prod_{k=i+1..j} a_k, s = sum_{s=i..j} prod_{k=i+1..s} a_k c_s, so that
-    g_i = s + q * (a_{j+1} g_{j+1})."""
-    qf = q1 * f2
-    return f1, qf * q2, s1 + qf * s2
+def _recur(a, b, x, steps, SUB: tl.constexpr):
+    """x_t = a_t x_{t-1} + b_t along a tile's steps, from the state ``x`` (the tile's shape with one step):
+    the tile of states and the tile of a_t x_{t-1}. One multiply and one add per state-step, in order (an
+    associative scan's combines cost about twice that); picking and placing the steps is free (see
+    :func:`_step_of`)."""
+    xs = b
+    ax = b
+    for k in tl.static_range(SUB):
+        axk = _step_of(a, steps, k) * x
+        x = axk + _step_of(b, steps, k)
+        ax = tl.where(steps == k, axk, ax)
+        xs = tl.where(steps == k, x, xs)
+    return xs, ax
 
 
 @triton.jit
-def _adjoint_scan(a, cy):
-    """The reverse scan of (a, 1, cy) along a tile's step axis (see :func:`_adjoint_combine`): (q, s) with
-    g_t = s_t + q_t * (a_after g_after). A forward scan of the flipped tile, flipped back: Triton's own reverse scan
-    exchanged values between all the lanes of a warp even though the step axis lives in each thread's registers
-    (480 shuffles per tile of the backward kernel, more than all its other work)."""
-    _, q, s = tl.associative_scan((tl.flip(a, 0), tl.zeros_like(a) + 1.0, tl.flip(cy, 0)), axis=0,
-                                  combine_fn=_adjoint_combine)
-    return tl.flip(q, 0), tl.flip(s, 0)
+def _recur_last(a, b, x, steps, SUB: tl.constexpr):
+    """The state after a tile's last step, from ``x`` (:func:`_recur` without the tiles)."""
+    for k in tl.static_range(SUB):
+        x = _step_of(a, steps, k) * x + _step_of(b, steps, k)
+    return x
+
+
+@triton.jit
+def _adjoint(a, cy, h, steps, SUB: tl.constexpr):
+    """g_t = cy_t + a_{t+1} g_{t+1} backwards along a tile's steps, with ``h`` = a_{t+1} g_{t+1} entering after the
+    last step (the tile's shape with one step): the tile of g, and a_first g_first, which enters the tile before."""
+    g = cy
+    for k in tl.static_range(SUB - 1, -1, -1):
+        gk = _step_of(cy, steps, k) + h
+        g = tl.where(steps == k, gk, g)
+        h = _step_of(a, steps, k) * gk
+    return g, h
 
 
 @triton.jit
@@ -226,19 +240,19 @@ def _fwd_kernel(
         dt_raw, dt = _dt_of(dt_in, m_td, bias[None, :], HAS_BIAS, SOFTPLUS, FAST_LOG)
         a = tl.exp2((dt * LOG2E)[:, None, :] * A[None, :, :])  # (SUB, BN, BD)
         bx = (dt * u)[:, None, :] * Bt[:, :, None]
-        a_cum, b_cum = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
-        xs = a_cum * x[None, :, :] + b_cum
         if LOCAL:
+            x = tl.sum(_recur_last(a, bx, x[None], offs_s[:, None, None], SUB), axis=0)
             dt_sum += tl.sum(dt, axis=0)
         else:
+            xs, _ = _recur(a, bx, x[None], offs_s[:, None, None], SUB)
             y = tl.sum(xs * Ct[:, :, None], axis=1)  # (SUB, BD)
             if HAS_D:
                 y = y + Dv[None, :] * u
             if HAS_Z:
                 y = y * zt * _sigmoid(zt)
             tl.store(out_ptr + o_row[None, :] + tm[:, None] * so_l, y.to(out_ptr.dtype.element_ty), mask=m_td)
-        x = tl.sum(tl.where((offs_s == SUB - 1)[:, None, None], xs, -0.0), axis=0)
         if not LOCAL:
+            x = tl.sum(_step_of(xs, offs_s[:, None, None], SUB - 1), axis=0)
             t_next = t0 + SUB
             if (t_next % CHUNK == 0) | (t_next >= t_end):  # the end of a chunk: checkpoint the state
                 c = (t_next - 1) // CHUNK
@@ -343,13 +357,14 @@ def _bwd_kernel(
     scratch = (scratch_ptr + ((pid_b * n_blocks + pid_d) * n_splits + pid_s) * (CHUNK // SUB) * (BLOCK_N * BLOCK_D)
                + (tl.arange(0, ROWS)[:, None, None] * BLOCK_N + offs_n[None, :, None]) * LANES_D
                + tl.arange(0, LANES_D)[None, None, :])
-    last = (offs_s == SUB - 1)[:, None, None, None]
-    first = (offs_s == 0)[:, None, None, None]
+    steps = offs_s[:, None, None, None]
 
     if HAS_CARRY:
-        h = tl.load(carry_ptr + split_off + state_nd, mask=mask_nd, other=0.0).to(CT)
+        # loaded as (ROWS, BN, LANES_D) and then given the step axis, so that the walk carries h in the tiles'
+        # layout: loaded as 4-D, the loop kept the load's layout and converted h at every step (shuffles)
+        h = tl.load(carry_ptr + split_off + state_nd, mask=mask_nd, other=0.0).to(CT)[None]
     else:
-        h = tl.zeros((ROWS, BLOCK_N, LANES_D), dtype=CT)
+        h = tl.zeros((1, ROWS, BLOCK_N, LANES_D), dtype=CT)  # a_{t+1} g_{t+1}, one step of a tile
     dA_acc = tl.zeros((ROWS, BLOCK_N, LANES_D), dtype=CT)
     dD_acc = tl.zeros((ROWS, LANES_D), dtype=CT)
     dbias_acc = tl.zeros((ROWS, LANES_D), dtype=CT)
@@ -382,8 +397,7 @@ def _bwd_kernel(
                 tl.store(scratch + j * (BLOCK_N * BLOCK_D), x)  # state before tile j
                 a = tl.exp2((dt * LOG2E)[:, :, None, :] * A[None])  # (SUB, ROWS, BN, LANES_D)
                 bx = (dt * u)[:, :, None, :] * Bt[:, None, :, None]
-                a_cum, b_cum = tl.associative_scan((a, bx), axis=0, combine_fn=_affine_combine)
-                x = tl.sum(tl.where(last, a_cum * x[None] + b_cum, -0.0), axis=0)
+                x = tl.sum(_recur_last(a, bx, x[None], steps, SUB), axis=0)
             tl.debug_barrier()  # the states are in the scratch before they are read back
         # the reverse walk, its loads one tile ahead too
         tm, m_td, m_tn = _rows_tile(t0 + (n_sub - 1) * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
@@ -421,17 +435,12 @@ def _bwd_kernel(
             if LOCAL:
                 if HAS_Z:
                     dy = dy * zt * _sigmoid(zt)
-                q, sg = _adjoint_scan(a, dy[:, :, None, :] * C4)
-                g = sg + q * h[None]
-                h = tl.sum(tl.where(first, a * g, -0.0), axis=0)
+                g, h = _adjoint(a, dy[:, :, None, :] * C4, h, steps, SUB)
             else:
                 dtu = dt * u
                 B4 = Bt[:, None, :, None]
                 bx = dtu[:, :, None, :] * B4
-                p, s2, _ = tl.associative_scan((a, tl.zeros_like(a), bx), axis=0,
-                                               combine_fn=_decayed_input_combine)
-                ax = s2 + p * x_in[None]  # a_t x_{t-1}
-                xs = ax + bx
+                xs, ax = _recur(a, bx, x_in[None], steps, SUB)  # x_t and a_t x_{t-1}
                 if HAS_Z:
                     y = tl.sum(xs * C4, axis=2)  # (SUB, ROWS, LANES_D)
                     if HAS_D:
@@ -441,8 +450,7 @@ def _bwd_kernel(
                     tl.store(dz_ptr + o_row[None] + tm[:, None, None] * so_l, dz.to(dz_ptr.dtype.element_ty),
                              mask=m_td)
                     dy = dy * zt * sig_z
-                q, sg = _adjoint_scan(a, dy[:, :, None, :] * C4)
-                g = sg + q * h[None]
+                g, h = _adjoint(a, dy[:, :, None, :] * C4, h, steps, SUB)
                 # sums over the channels: a thread's rows in registers first, then across the lanes
                 dC = tl.sum(tl.sum(dy[:, :, None, :] * xs, axis=1), axis=2)  # (SUB, BN)
                 dB = tl.sum(tl.sum(g * dtu[:, :, None, :], axis=1), axis=2)
@@ -465,10 +473,9 @@ def _bwd_kernel(
                 # (SUB, N) sums are contiguous)
                 tl.atomic_add(dB_ptr + dBC_row[None, :] + tm[:, None] * N, dB, mask=m_tn, sem="relaxed")
                 tl.atomic_add(dC_ptr + dBC_row[None, :] + tm[:, None] * N, dC, mask=m_tn, sem="relaxed")
-                h = tl.sum(tl.where(first, a * g, -0.0), axis=0)
 
     if LOCAL:
-        tl.store(carry_ptr + split_off + state_nd, h, mask=mask_nd)
+        tl.store(carry_ptr + split_off + state_nd[None], h, mask=mask_nd[None])
     else:
         # summed over batch rows and splits by atomic adds into zeroed (N, dim) and (dim,) buffers of the compute
         # dtype (a small reduction kernel each, on the host, cost more than these adds)
