@@ -5,11 +5,9 @@ x is (batch, dim, L) read through its strides (fastest when channels are contigu
 and dx are written channels-contiguous. One program per (batch row, block of steps, block of channels).
 
 Forward: pre_t = bias + sum_j w_j x_{t + S (j - (K-1))} (S = 1 causal, S = -1 for ``reverse``), out = silu(pre).
-Backward, two passes over the same grid: the first recomputes pre once per step and writes
-dpre = dout silu'(pre) (float32, (batch, L, dim)), with dw_j and dbias summed over the program's steps and
-stored per (batch row, block of steps), then summed on the host (no atomics: thousands of programs adding into
-dim x K numbers serialise on them); the second reads dpre at K shifts (cache hits) for
-dx_s = sum_j w_j dpre_{s + S ((K-1) - j)}.
+Backward, two passes: the first recomputes pre once per step and writes dpre = dout silu'(pre) (float32,
+(batch, L, dim)), with dw_j and dbias summed over each program's run of steps and added atomically into
+zeroed outputs; the second reads dpre at K shifts (cache hits) for dx_s = sum_j w_j dpre_{s + S ((K-1) - j)}.
 
 Earlier backwards: one program per (batch row, block of channels) walking all the steps (0.48 ms a call at
 Vim-Ti's training shapes, batch 256, L 197, dim 384, on an H200: 23 ms of a 150 ms step); then one fused pass
@@ -83,39 +81,90 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, L, sx_b, sx_d, sx_l, so_
 
 
 @triton.jit
-def _conv_dpre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dw_ptr, db_ptr, dim, L,
+def _slot(j: tl.constexpr, a0, a1, a2, a3):
+    """The j-th of four values (j known at compile time)."""
+    if j == 0:
+        v = a0
+    elif j == 1:
+        v = a1
+    elif j == 2:
+        v = a2
+    else:
+        v = a3
+    return v
+
+
+@triton.jit
+def _with_slot(j: tl.constexpr, v, a0, a1, a2, a3):
+    """The four values with the j-th replaced by v (j known at compile time; j >= 4 changes nothing)."""
+    if j == 0:
+        a0 = v
+    elif j == 1:
+        a1 = v
+    elif j == 2:
+        a2 = v
+    elif j == 3:
+        a3 = v
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _conv_dpre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dw_ptr, db_ptr, dim, L, tiles,
                       sx_b, sx_d, sx_l, sg_b, sg_d, sg_l,
                       HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
                       BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CT: tl.constexpr):
-    """Backward, first pass. One program per (batch row, block of output steps t, block of channels):
-    dpre_t = dout_t silu'(pre_t) into ``dpre`` ((batch, L, dim), compute dtype), and the weight and bias
-    gradients summed over the program's steps and added atomically into zeroed ``dw`` (dim, K) and ``db`` (dim,)
-    of the compute dtype (a host-side sum of per-program partials was one more small reduction kernel each)."""
+    """Backward, first pass. One program per (batch row, run of ``tiles`` blocks of BLOCK_L output steps t, block of
+    channels): dpre_t = dout_t silu'(pre_t) into ``dpre`` ((batch, L, dim), compute dtype), and the weight and
+    bias gradients, accumulated element by element over the run's tiles, summed over steps once at the end and
+    added atomically into zeroed ``dw`` (dim, K) and ``db`` (dim,) of the compute dtype. (Summing each tile over
+    its steps -- K + 1 reductions across lanes and warps per tile -- was most of this kernel's instructions.)"""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
     x_row = pid_b * sx_b + offs_d * sx_d
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    m_t = (t < L)[:, None] & mask_d[None, :]
-    dpre = tl.load(dout_ptr + pid_b * sg_b + offs_d[None, :] * sg_d + t[:, None] * sg_l, mask=m_t,
-                   other=0.0).to(CT)
-    if SILU:
-        pre = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
-        sig = _sigmoid(pre, CT)
-        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-    dpre = tl.where(m_t, dpre, 0.0)
-    tl.store(dpre_ptr + (pid_b * L + t[:, None]) * dim + offs_d[None, :], dpre, mask=m_t)
     offs_k = tl.arange(0, BLOCK_K)
-    dw = tl.zeros((BLOCK_K, BLOCK_D), dtype=CT)  # row j: d loss / d weight[:, j] = sum_t dpre_t x_{t + S(j-(K-1))}
-    for j in tl.static_range(K):
-        ts = t + SIGN * (j - (K - 1))
-        m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
-        xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
-        dw += tl.where((offs_k == j)[:, None], tl.sum(dpre * xv, axis=0)[None, :], 0.0)
+    zero = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
+    # d loss / d weight[:, j] = sum_t dpre_t x_{t + S(j-(K-1))}: for K <= 4 (Mamba's widths) one accumulator per j
+    # over (step in a tile, channel), summed over the steps once at the end; wider kernels sum each tile
+    dw0, dw1, dw2, dw3, db_acc = zero, zero, zero, zero, zero
+    dw = tl.zeros((BLOCK_K, BLOCK_D), dtype=CT)
+    for i in range(tiles):
+        t = (pid_l * tiles + i) * BLOCK_L + tl.arange(0, BLOCK_L)
+        m_t = (t < L)[:, None] & mask_d[None, :]
+        dpre = tl.load(dout_ptr + pid_b * sg_b + offs_d[None, :] * sg_d + t[:, None] * sg_l, mask=m_t,
+                       other=0.0).to(CT)
+        pre = zero + bias[None, :]
+        x0, x1, x2, x3 = zero, zero, zero, zero  # the shifted inputs, loaded once for pre and dw
+        for j in tl.static_range(K):
+            ts = t + SIGN * (j - (K - 1))
+            m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
+            xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
+            pre += xv * tl.load(w_ptrs + j).to(CT)[None, :]
+            x0, x1, x2, x3 = _with_slot(j, xv, x0, x1, x2, x3)
+        if SILU:
+            sig = _sigmoid(pre, CT)
+            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+        dpre = tl.where(m_t, dpre, 0.0)
+        tl.store(dpre_ptr + (pid_b * L + t[:, None]) * dim + offs_d[None, :], dpre, mask=m_t)
+        db_acc += dpre
+        if K <= 4:
+            dw0 += dpre * x0
+            dw1 += dpre * x1
+            dw2 += dpre * x2
+            dw3 += dpre * x3
+        else:
+            for j in tl.static_range(K):
+                ts = t + SIGN * (j - (K - 1))
+                m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
+                xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
+                dw += tl.where((offs_k == j)[:, None], tl.sum(dpre * xv, axis=0)[None, :], 0.0)
+    if K <= 4:
+        for j in tl.static_range(K):
+            dw += tl.where((offs_k == j)[:, None], tl.sum(_slot(j, dw0, dw1, dw2, dw3), axis=0)[None, :], 0.0)
     if HAS_BIAS:
-        tl.atomic_add(db_ptr + offs_d, tl.sum(dpre, axis=0), mask=mask_d, sem="relaxed")
+        tl.atomic_add(db_ptr + offs_d, tl.sum(db_acc, axis=0), mask=mask_d, sem="relaxed")
     tl.atomic_add(dw_ptr + offs_d[None, :] * K + offs_k[:, None], dw, mask=(offs_k < K)[:, None] & mask_d[None, :],
                   sem="relaxed")
 
@@ -152,10 +201,13 @@ def _empty_channels_last(batch: int, dim: int, L: int, like: torch.Tensor) -> to
 # (steps, channels, warps) per program. Forward: the fastest of those benchmarks/causal_conv1d.py tried on an
 # H200 (2026-11-21; Vim-Ti at 224, batch 256, dim 384, L 197: 0.046 ms, 16:64:4 took 0.096; floor 0.019).
 # Backward passes: the fastest of 64:64:4, 32:64:4, 32:32:2, 64:32:2 and 128:64:4 on an H100 (profiler kernel
-# times, 2026-11-21): 0.120 + 0.052 ms at 224 and 0.206 + 0.092 ms at 1248 (batch 16, L 6085).
+# times, 2026-11-21): 0.120 + 0.052 ms at 224 and 0.206 + 0.092 ms at 1248 (batch 16, L 6085). The first pass
+# then took runs of DPRE_STEPS steps per program: the fastest of 32:32:2, 16:32:1, 16:64:2, 32:64:4 and 64:32:2
+# with 128, 256 and 512 steps on an H200 (eighth session): 0.122 -> 0.087 ms at 224, 0.209 -> 0.169 ms at 1248.
 FWD_BLOCKS = (64, 64, 4)
-DPRE_BLOCKS = (32, 32, 2)
+DPRE_BLOCKS = (16, 64, 2)
 DX_BLOCKS = (32, 32, 2)
+DPRE_STEPS = 256
 
 
 def _conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool, reverse: bool):
@@ -179,11 +231,12 @@ def _conv_backward(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: t
     dx = _empty_channels_last(batch, dim, L, x)
     dpre = torch.empty(batch, L, dim, device=x.device, dtype=ct)
     block_l, block_d, warps = DPRE_BLOCKS
-    grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
+    tiles = max(1, min(triton.cdiv(L, block_l), DPRE_STEPS // block_l))
+    grid = (batch, triton.cdiv(L, block_l * tiles), triton.cdiv(dim, block_d))
     dw = torch.zeros(dim, K, device=x.device, dtype=ct)  # summed over programs by atomic adds
     db = torch.zeros(dim, device=x.device, dtype=ct) if bias is not None else dw
     sign = -1 if reverse else 1
-    _conv_dpre_kernel[grid](x, w, w if bias is None else bias, dout, dpre, dw, db, dim, L,
+    _conv_dpre_kernel[grid](x, w, w if bias is None else bias, dout, dpre, dw, db, dim, L, tiles,
                             *x.stride(), *dout.stride(),
                             HAS_BIAS=bias is not None, SILU=silu, K=K, SIGN=sign, BLOCK_L=block_l,
                             BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(K), CT=_ct(x.dtype), num_warps=warps)
