@@ -166,6 +166,25 @@ def test_stride_changes_the_token_count():
     assert a.pos_embed.shape[1] == 14 * 14 + 1 and b.pos_embed.shape[1] == 27 * 27 + 1
 
 
+@pytest.mark.parametrize("img_size,stride", [(32, None), ((40, 35), None), (32, 4)])
+def test_patch_embedding_matches_its_convolution(img_size, stride):
+    """Non-overlapping patches go through one matrix product (overlapping ones through the convolution): the
+    same tokens and weight gradients as the convolution, with the edge a strided convolution leaves out."""
+    from mmpretrain.models.vim import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size, 8, stride, 3, 16).double()
+    x = torch.randn(2, 3, *pe.img_size, dtype=torch.float64)
+    out = pe(x)
+    ref = F.conv2d(x, pe.proj.weight, pe.proj.bias, stride=pe.stride).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [pe.proj.weight, pe.proj.bias], g)
+    ref_grads = torch.autograd.grad(ref, [pe.proj.weight, pe.proj.bias], g)
+    for got, exp in zip(grads, ref_grads):
+        torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
+
+
 def test_wrong_image_size_is_named():
     with pytest.raises(ValueError, match="img_size"):
         tiny_vim()(torch.randn(1, 3, 48, 48))
