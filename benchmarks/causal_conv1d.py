@@ -61,13 +61,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["256:384:197", "16:384:6085"], help="batch:dim:L")
     p.add_argument("--blocks", nargs="+", default=["16:64:4", "32:64:4", "64:64:4", "32:32:2", "64:128:8"],
-                   help="steps:channels:warps per program, tried for all three kernels")
+                   help="steps:channels:warps per program (per tile in the backward), tried for both kernels")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     bw = copy_bandwidth("cuda")
     rows = []
-    defaults = (tk.FWD_BLOCKS, tk.DPRE_BLOCKS, tk.DX_BLOCKS)
+    defaults = (tk.FWD_BLOCKS, tk.BWD_BLOCKS)
     for shape in args.shapes:
         batch, dim, L = (int(v) for v in shape.split(":"))
         sets = inputs(batch, dim, L)
@@ -80,17 +80,17 @@ def main() -> None:
                          bwd_ms=bench(ref, sets, True), **{f"floor_{k}_ms": v for k, v in floors.items()}))
         for spec in args.blocks:
             blocks = tuple(int(v) for v in spec.split(":"))
-            tk.FWD_BLOCKS = tk.DPRE_BLOCKS = tk.DX_BLOCKS = blocks
+            tk.FWD_BLOCKS = tk.BWD_BLOCKS = blocks
             fn = lambda x, w, b: tk.causal_conv1d_triton(x, w, b, "silu")  # noqa: E731
             err = ((fn(x0, w0, b0).float() - expected).norm() / expected.norm()).item()
             rows.append(dict(shape=shape, impl=f"triton {spec}", fwd_ms=bench(fn, sets, False),
                              bwd_ms=bench(fn, sets, True), rel_err=err,
                              **{f"floor_{k}_ms": v for k, v in floors.items()}))
-        tk.FWD_BLOCKS, tk.DPRE_BLOCKS, tk.DX_BLOCKS = defaults
+        tk.FWD_BLOCKS, tk.BWD_BLOCKS = defaults
         del sets
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}; copy bandwidth "
-          f"{bw / 1e12:.2f} TB/s; defaults: forward {defaults[0]}, backward dpre {defaults[1]} and dx {defaults[2]} "
+          f"{bw / 1e12:.2f} TB/s; defaults: forward {defaults[0]}, backward {defaults[1]} "
           "(steps, channels, warps)")
     print(f"{'shape b:d:L':14} {'implementation':22} {'fwd ms':>8} {'x floor':>8} {'bwd ms':>8} {'x floor':>8}")
     for r in rows:

@@ -3,11 +3,11 @@ shape, and nothing else: a small program for a kernel profiler to attach to.
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \\
         --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \\
-        -k regex:'_fwd_kernel|_bwd_kernel|_conv_' --launch-skip 5 --launch-count 5 \\
+        -k regex:'_fwd_kernel|_bwd_kernel|_conv_' --launch-skip 4 --launch-count 4 \\
         python benchmarks/mixer_kernels.py --batch 256 --length 197
 
-(``--launch-skip 5`` skips the first iteration's five kernels -- scan forward and backward, convolution forward,
-dpre and dx -- which include compilation; at long sequences the scan also launches its split pass and
+(``--launch-skip 4`` skips the first iteration's four kernels -- scan forward and backward, convolution forward
+and backward -- which include compilation; at long sequences the scan also launches its split pass and
 ``_combine_kernel``.) Inputs are laid out as the mixer passes them:
 channels-contiguous bf16 views, dim 384 and N 16 (Vim-Ti), softplus, z, D and delta_bias on.
 """

@@ -2,17 +2,19 @@
 
 x is (batch, dim, L) read through its strides (fastest when channels are contiguous, i.e. a transposed
 (batch, L, dim) activation, where each step's load of a block of channels is one coalesced read); the output
-and dx are written channels-contiguous. One program per (batch row, block of steps, block of channels).
+and dx are written channels-contiguous.
 
-Forward: pre_t = bias + sum_j w_j x_{t + S (j - (K-1))} (S = 1 causal, S = -1 for ``reverse``), out = silu(pre).
-Backward, two passes: the first recomputes pre once per step and writes dpre = dout silu'(pre) (float32,
-(batch, L, dim)), with dw_j and dbias summed over each program's run of steps and added atomically into
-zeroed outputs; the second reads dpre at K shifts (cache hits) for dx_s = sum_j w_j dpre_{s + S ((K-1) - j)}.
+Forward, one program per (batch row, block of steps, block of channels): pre_t = bias + sum_j w_j
+x_{t + S (j - (K-1))} (S = 1 causal, S = -1 for ``reverse``), out = silu(pre).
+Backward, one program per (batch row, run of steps, block of channels), see :func:`_conv_bwd_kernel`: it
+recomputes pre once per step, writes dpre = dout silu'(pre) (float32) to a scratch buffer and reads it back
+at the K shifts for dx_s = sum_j w_j dpre_{s + S ((K-1) - j)} one tile later, and sums dw_j and dbias over its
+run, adding them atomically into zeroed outputs.
 
-Earlier backwards: one program per (batch row, block of channels) walking all the steps (0.48 ms a call at
-Vim-Ti's training shapes, batch 256, L 197, dim 384, on an H200: 23 ms of a 150 ms step); then one fused pass
-that recomputed pre at the K positions each dx_s needs, K times the exp, division and loads (0.223 ms on an
-H100, against 0.120 + 0.052 ms for the two passes).
+Earlier backwards (Vim-Ti's training shapes, batch 256, L 197, dim 384): one program per (batch row, block of
+channels) walking all the steps (0.48 ms a call on an H200: 23 ms of a 150 ms step); one pass that recomputed
+pre at the K positions each dx_s needs, K times the exp, division and loads (0.223 ms on an H100); two kernels,
+dpre then dx (0.120 + 0.052 ms on an H100; 0.083 + 0.050 ms on an H200 once dpre walked runs of tiles).
 """
 
 from __future__ import annotations
@@ -109,57 +111,100 @@ def _with_slot(j: tl.constexpr, v, a0, a1, a2, a3):
 
 
 @triton.jit
-def _conv_dpre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dw_ptr, db_ptr, dim, L, tiles,
-                      sx_b, sx_d, sx_l, sg_b, sg_d, sg_l,
-                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
-                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CT: tl.constexpr):
-    """Backward, first pass. One program per (batch row, run of ``tiles`` blocks of BLOCK_L output steps t, block of
-    channels): dpre_t = dout_t silu'(pre_t) into ``dpre`` ((batch, L, dim), compute dtype), and the weight and
-    bias gradients, accumulated element by element over the run's tiles, summed over steps once at the end and
-    added atomically into zeroed ``dw`` (dim, K) and ``db`` (dim,) of the compute dtype. (Summing each tile over
-    its steps -- K + 1 reductions across lanes and warps per tile -- was most of this kernel's instructions.)"""
+def _memory_position(p, L, SIGN: tl.constexpr):
+    """Scan position p's memory position: p, or L - 1 - p for the reversed convolution (S = -1)."""
+    if SIGN == 1:
+        return p
+    return L - 1 - p
+
+
+@triton.jit
+def _dpre_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, w_ptrs, bias, K: tl.constexpr,
+               SIGN: tl.constexpr, SILU: tl.constexpr, CT: tl.constexpr, BLOCK_L: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """dpre_t = dout_t silu'(pre_t) for a (BLOCK_L, BLOCK_D) tile of memory positions t (zero outside [0, L)),
+    with its mask and the first four shifted inputs x_{t + S(j-(K-1))}, loaded once for pre and for dw."""
+    m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
+    dpre = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=m_t, other=0.0).to(CT)
+    zero = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
+    pre = zero + bias[None, :]
+    x0, x1, x2, x3 = zero, zero, zero, zero
+    for j in tl.static_range(K):
+        ts = t + SIGN * (j - (K - 1))
+        m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
+        xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
+        pre += xv * tl.load(w_ptrs + j).to(CT)[None, :]
+        x0, x1, x2, x3 = _with_slot(j, xv, x0, x1, x2, x3)
+    if SILU:
+        sig = _sigmoid(pre, CT)
+        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+    return tl.where(m_t, dpre, 0.0), m_t, x0, x1, x2, x3
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dx_ptr, dw_ptr, db_ptr, dim, L, tiles,
+                     sx_b, sx_d, sx_l, sg_b, sg_d, sg_l, so_b, so_d, so_l,
+                     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
+                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CT: tl.constexpr):
+    """Backward. One program per (batch row, run of ``tiles`` blocks of BLOCK_L steps, block of channels), its
+    tiles taken in scan order (memory position t = p, or L - 1 - p when S = -1, at scan position p):
+
+    - dpre_p = dout_p silu'(pre_p) into the scratch ``dpre`` ((batch, L, dim), compute dtype);
+    - dx_p = sum_i w_{K-1-i} dpre_{p+i}, one tile behind: each iteration computes the next tile's dpre (past the
+      run's end too, for the K - 1 steps of the next run that dx needs; that run's program writes the same
+      values there), then, after a barrier, reads the current and the next tile back at the K shifts (cache hits:
+      this program wrote them) for the current tile's dx;
+    - the weight and bias gradients, accumulated element by element over the run's own tiles, summed over the
+      steps once at the end and added atomically into zeroed ``dw`` (dim, K) and ``db`` (dim,) of the compute
+      dtype (summing each tile over its steps -- K + 1 reductions across lanes and warps per tile -- was most
+      of the instructions)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
     x_row = pid_b * sx_b + offs_d * sx_d
+    g_row = pid_b * sg_b + offs_d * sg_d
+    o_row = pid_b * so_b + offs_d * so_d
+    dpre_row = pid_b * L * dim + offs_d
     offs_k = tl.arange(0, BLOCK_K)
     zero = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
     # d loss / d weight[:, j] = sum_t dpre_t x_{t + S(j-(K-1))}: for K <= 4 (Mamba's widths) one accumulator per j
     # over (step in a tile, channel), summed over the steps once at the end; wider kernels sum each tile
     dw0, dw1, dw2, dw3, db_acc = zero, zero, zero, zero, zero
     dw = tl.zeros((BLOCK_K, BLOCK_D), dtype=CT)
-    for i in range(tiles):
-        t = (pid_l * tiles + i) * BLOCK_L + tl.arange(0, BLOCK_L)
-        m_t = (t < L)[:, None] & mask_d[None, :]
-        dpre = tl.load(dout_ptr + pid_b * sg_b + offs_d[None, :] * sg_d + t[:, None] * sg_l, mask=m_t,
-                       other=0.0).to(CT)
-        pre = zero + bias[None, :]
-        x0, x1, x2, x3 = zero, zero, zero, zero  # the shifted inputs, loaded once for pre and dw
-        for j in tl.static_range(K):
-            ts = t + SIGN * (j - (K - 1))
-            m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
-            xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
-            pre += xv * tl.load(w_ptrs + j).to(CT)[None, :]
-            x0, x1, x2, x3 = _with_slot(j, xv, x0, x1, x2, x3)
-        if SILU:
-            sig = _sigmoid(pre, CT)
-            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-        dpre = tl.where(m_t, dpre, 0.0)
-        tl.store(dpre_ptr + (pid_b * L + t[:, None]) * dim + offs_d[None, :], dpre, mask=m_t)
-        db_acc += dpre
+    p0 = pid_l * tiles * BLOCK_L
+    for i in range(tiles + 1):
+        p = p0 + i * BLOCK_L + tl.arange(0, BLOCK_L)
+        t = _memory_position(p, L, SIGN)
+        dpre, m_t, x0, x1, x2, x3 = _dpre_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, w_ptrs,
+                                               bias, K, SIGN, SILU, CT, BLOCK_L, BLOCK_D)
+        tl.store(dpre_ptr + dpre_row[None, :] + t[:, None] * dim, dpre, mask=m_t)
+        own = i < tiles  # the tile past the run's end only feeds dx
+        dpre_own = tl.where(own, dpre, 0.0)
+        db_acc += dpre_own
         if K <= 4:
-            dw0 += dpre * x0
-            dw1 += dpre * x1
-            dw2 += dpre * x2
-            dw3 += dpre * x3
+            dw0 += dpre_own * x0
+            dw1 += dpre_own * x1
+            dw2 += dpre_own * x2
+            dw3 += dpre_own * x3
         else:
             for j in tl.static_range(K):
                 ts = t + SIGN * (j - (K - 1))
                 m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
                 xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
-                dw += tl.where((offs_k == j)[:, None], tl.sum(dpre * xv, axis=0)[None, :], 0.0)
+                dw += tl.where((offs_k == j)[:, None], tl.sum(dpre_own * xv, axis=0)[None, :], 0.0)
+        if i > 0:  # dx of the previous tile, from its dpre and this one's
+            tl.debug_barrier()  # this program's dpre stores are visible to all its threads
+            tq = _memory_position(p - BLOCK_L, L, SIGN)
+            dx = zero
+            for k in tl.static_range(K):
+                ts = tq + SIGN * k
+                m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
+                dv = tl.load(dpre_ptr + dpre_row[None, :] + ts[:, None] * dim, mask=m, other=0.0)
+                dx += dv * tl.load(w_ptrs + (K - 1 - k)).to(CT)[None, :]
+            m = ((tq >= 0) & (tq < L))[:, None] & mask_d[None, :]
+            tl.store(dx_ptr + o_row[None, :] + tq[:, None] * so_l, dx.to(dx_ptr.dtype.element_ty), mask=m)
     if K <= 4:
         for j in tl.static_range(K):
             dw += tl.where((offs_k == j)[:, None], tl.sum(_slot(j, dw0, dw1, dw2, dw3), axis=0)[None, :], 0.0)
@@ -167,27 +212,6 @@ def _conv_dpre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dw_ptr, db_ptr, d
         tl.atomic_add(db_ptr + offs_d, tl.sum(db_acc, axis=0), mask=mask_d, sem="relaxed")
     tl.atomic_add(dw_ptr + offs_d[None, :] * K + offs_k[:, None], dw, mask=(offs_k < K)[:, None] & mask_d[None, :],
                   sem="relaxed")
-
-
-@triton.jit
-def _conv_dx_kernel(dpre_ptr, w_ptr, dx_ptr, dim, L, so_b, so_d, so_l,
-                    K: tl.constexpr, SIGN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                    CT: tl.constexpr):
-    """Backward, second pass: dx_s = sum_i w_{K-1-i} dpre_{s + S i} (the shifted reads of dpre hit the cache)."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    w_ptrs = tl.where(mask_d, w_ptr + offs_d * K, w_ptr)
-    dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
-    for i in tl.static_range(K):
-        t = s + SIGN * i
-        m = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
-        dpre = tl.load(dpre_ptr + (pid_b * L + t[:, None]) * dim + offs_d[None, :], mask=m, other=0.0)
-        dx += dpre * tl.load(w_ptrs + (K - 1 - i)).to(CT)[None, :]
-    m = (s < L)[:, None] & mask_d[None, :]
-    tl.store(dx_ptr + pid_b * so_b + offs_d[None, :] * so_d + s[:, None] * so_l, dx.to(dx_ptr.dtype.element_ty),
-             mask=m)
 
 
 def _ct(dtype: torch.dtype):
@@ -200,14 +224,13 @@ def _empty_channels_last(batch: int, dim: int, L: int, like: torch.Tensor) -> to
 
 # (steps, channels, warps) per program. Forward: the fastest of those benchmarks/causal_conv1d.py tried on an
 # H200 (2026-11-21; Vim-Ti at 224, batch 256, dim 384, L 197: 0.046 ms, 16:64:4 took 0.096; floor 0.019).
-# Backward passes: the fastest of 64:64:4, 32:64:4, 32:32:2, 64:32:2 and 128:64:4 on an H100 (profiler kernel
-# times, 2026-11-21): 0.120 + 0.052 ms at 224 and 0.206 + 0.092 ms at 1248 (batch 16, L 6085). The first pass
-# then took runs of DPRE_STEPS steps per program: the fastest of 32:32:2, 16:32:1, 16:64:2, 32:64:4 and 64:32:2
-# with 128, 256 and 512 steps on an H200 (eighth session): 0.122 -> 0.087 ms at 224, 0.209 -> 0.169 ms at 1248.
+# Backward (tile steps, channels, warps) and steps per program: the fastest of 16:64:2, 32:32:2, 16:32:1 and
+# 32:64:4 with runs of 128 and 256 steps on an H200 (profiler kernel times, 2026-11-21, eighth session): 0.116 ms
+# at 224 and 0.229 ms at 1248 (batch 16, L 6085), against 0.083 + 0.050 and 0.159 + 0.087 ms for the same
+# first pass followed by a separate dx kernel.
 FWD_BLOCKS = (64, 64, 4)
-DPRE_BLOCKS = (16, 64, 2)
-DX_BLOCKS = (32, 32, 2)
-DPRE_STEPS = 256
+BWD_BLOCKS = (16, 64, 2)
+BWD_STEPS = 256
 
 
 def _conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool, reverse: bool):
@@ -224,26 +247,22 @@ def _conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, s
 
 def _conv_backward(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool,
                    reverse: bool):
-    """The two backward passes: ``(dx, dw, dbias or None)``; dx channels-contiguous, dw (dim, K)."""
+    """The backward kernel: ``(dx, dw, dbias or None)``; dx channels-contiguous, dw (dim, K)."""
     batch, dim, L = x.shape
     K = w.shape[1]
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = _empty_channels_last(batch, dim, L, x)
-    dpre = torch.empty(batch, L, dim, device=x.device, dtype=ct)
-    block_l, block_d, warps = DPRE_BLOCKS
-    tiles = max(1, min(triton.cdiv(L, block_l), DPRE_STEPS // block_l))
+    dpre = torch.empty(batch, L, dim, device=x.device, dtype=ct)  # scratch, read back by the program that wrote it
+    block_l, block_d, warps = BWD_BLOCKS
+    tiles = max(1, min(triton.cdiv(L, block_l), BWD_STEPS // block_l))
     grid = (batch, triton.cdiv(L, block_l * tiles), triton.cdiv(dim, block_d))
     dw = torch.zeros(dim, K, device=x.device, dtype=ct)  # summed over programs by atomic adds
     db = torch.zeros(dim, device=x.device, dtype=ct) if bias is not None else dw
     sign = -1 if reverse else 1
-    _conv_dpre_kernel[grid](x, w, w if bias is None else bias, dout, dpre, dw, db, dim, L, tiles,
-                            *x.stride(), *dout.stride(),
-                            HAS_BIAS=bias is not None, SILU=silu, K=K, SIGN=sign, BLOCK_L=block_l,
-                            BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(K), CT=_ct(x.dtype), num_warps=warps)
-    block_l, block_d, warps = DX_BLOCKS
-    grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
-    _conv_dx_kernel[grid](dpre, w, dx, dim, L, *dx.stride(), K=K, SIGN=sign, BLOCK_L=block_l, BLOCK_D=block_d,
-                          CT=_ct(x.dtype), num_warps=warps)
+    _conv_bwd_kernel[grid](x, w, w if bias is None else bias, dout, dpre, dx, dw, db, dim, L, tiles,
+                           *x.stride(), *dout.stride(), *dx.stride(), HAS_BIAS=bias is not None, SILU=silu, K=K,
+                           SIGN=sign, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(K),
+                           CT=_ct(x.dtype), num_warps=warps)
     return dx, dw.to(w.dtype), (db.to(bias.dtype) if bias is not None else None)
 
 
