@@ -42,14 +42,18 @@ def _sigmoid(x, CT: tl.constexpr):
 @triton.jit
 def _pre_activation(x_ptr, x_row, t, mask_d, L, s_l, w_ptrs, bias, K: tl.constexpr, SIGN: tl.constexpr,
                     CT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """bias + sum_j w_j x_{t + SIGN (j - (K-1))} for a (BLOCK_L, BLOCK_D) tile of steps t."""
-    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT) + bias[None, :]
+    """bias + sum_j w_j x_{t + SIGN (j - (K-1))} for a (BLOCK_L, BLOCK_D) tile of steps t, and the first four
+    shifted inputs x_{t + SIGN (j - (K-1))} (zeros past K), which the backward reuses for dw."""
+    zero = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
+    acc = zero + bias[None, :]
+    x0, x1, x2, x3 = zero, zero, zero, zero
     for j in tl.static_range(K):
         ts = t + SIGN * (j - (K - 1))
         m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
         xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * s_l, mask=m, other=0.0).to(CT)
         acc += xv * tl.load(w_ptrs + j).to(CT)[None, :]
-    return acc
+        x0, x1, x2, x3 = _with_slot(j, xv, x0, x1, x2, x3)
+    return acc, x0, x1, x2, x3
 
 
 @triton.jit
@@ -74,7 +78,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, L, sx_b, sx_d, sx_l, so_
     mask_d = offs_d < dim
     bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
     x_row = pid_b * sx_b + offs_d * sx_d
-    pre = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
+    pre, _, _, _, _ = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
     if SILU:
         pre = pre * _sigmoid(pre, CT)
     m = (t < L)[:, None] & mask_d[None, :]
@@ -123,18 +127,11 @@ def _dpre_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, w_ptrs, 
                SIGN: tl.constexpr, SILU: tl.constexpr, CT: tl.constexpr, BLOCK_L: tl.constexpr,
                BLOCK_D: tl.constexpr):
     """dpre_t = dout_t silu'(pre_t) for a (BLOCK_L, BLOCK_D) tile of memory positions t (zero outside [0, L)),
-    with its mask and the first four shifted inputs x_{t + S(j-(K-1))}, loaded once for pre and for dw."""
+    with its mask and :func:`_pre_activation`'s shifted inputs, loaded once for pre and for dw."""
     m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
     dpre = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=m_t, other=0.0).to(CT)
-    zero = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
-    pre = zero + bias[None, :]
-    x0, x1, x2, x3 = zero, zero, zero, zero
-    for j in tl.static_range(K):
-        ts = t + SIGN * (j - (K - 1))
-        m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
-        xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
-        pre += xv * tl.load(w_ptrs + j).to(CT)[None, :]
-        x0, x1, x2, x3 = _with_slot(j, xv, x0, x1, x2, x3)
+    pre, x0, x1, x2, x3 = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L,
+                                          BLOCK_D)
     if SILU:
         sig = _sigmoid(pre, CT)
         dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
