@@ -7,7 +7,7 @@ shape, and nothing else: a small program for a kernel profiler to attach to.
         python benchmarks/mixer_kernels.py --batch 256 --length 197
 
 (``--launch-skip 4`` skips the first iteration's four kernels -- scan forward and backward, convolution forward
-and backward -- which include compilation; at long sequences the scan also launches its split pass and
+and backward, the convolutions of both directions at once as the mixer runs them -- which include compilation; at long sequences the scan also launches its split pass and
 ``_combine_kernel``.) Inputs are laid out as the mixer passes them:
 channels-contiguous bf16 views, dim 384 and N 16 (Vim-Ti), softplus, z, D and delta_bias on.
 """
@@ -19,7 +19,7 @@ import argparse
 import torch
 from selective_scan import make_inputs
 
-from mmpretrain.ops.causal_conv1d import causal_conv1d
+from mmpretrain.ops.causal_conv1d import causal_conv1d_bidirectional
 from mmpretrain.ops.selective_scan import selective_scan
 
 
@@ -39,13 +39,13 @@ def main() -> None:
     # the convolution's input: the first half of an input projection's (batch, L, 2 dim) output
     x = torch.randn(b, L, 2 * dim, device="cuda", dtype=torch.bfloat16)[..., :dim].transpose(1, 2)
     x.requires_grad_(True)
-    weight = torch.randn(dim, 1, 4, device="cuda", requires_grad=True)
-    bias = torch.randn(dim, device="cuda", requires_grad=True)
+    params = [torch.randn(dim, 1, 4, device="cuda"), torch.randn(dim, device="cuda")] * 2  # both directions'
+    params = [t.clone().requires_grad_(True) for t in params]
     for _ in range(args.iters):
         out = selective_scan(**inputs, delta_softplus=True, backend="triton")
         torch.autograd.grad(out, list(inputs.values()), dout)
-        y = causal_conv1d(x, weight, bias, "silu", backend="triton")
-        torch.autograd.grad(y, [x, weight, bias], dout)
+        ys = causal_conv1d_bidirectional(x, *params, "silu", backend="triton")
+        torch.autograd.grad(ys, [x, *params], [dout, dout])
     torch.cuda.synchronize()
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpretrain.ops.causal_conv1d import causal_conv1d
+from mmpretrain.ops.causal_conv1d import causal_conv1d_bidirectional
 from mmpretrain.ops.selective_scan import selective_scan
 from mmpretrain.ops.selective_scan.dispatch import resolve_backend
 
@@ -147,18 +147,14 @@ class BiMambaMixer(nn.Module):
         return {"A_log", "A_b_log", "D", "D_b"}
 
     def _scan(self, x: torch.Tensor, z: torch.Tensor, suffix: str) -> torch.Tensor:
-        """One direction: conv + SiLU, projections and the gated selective scan; the backward direction
-        (``suffix="_b"``) runs both the convolution and the scan from the end. x, z (batch, E, L) views of the
-        input projection -> (batch, E, L) (channels-contiguous on the triton path)."""
+        """One direction: projections and the gated selective scan of the convolved x; the backward direction
+        (``suffix="_b"``) scans from the end. x, z (batch, E, L) -> (batch, E, L) (channels-contiguous on the
+        triton path)."""
         reverse = bool(suffix)
-        conv: nn.Conv1d = getattr(self, f"conv1d{suffix}")
         x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
         A_log: torch.Tensor = self.A_log if not suffix else self.A_b_log
         D: torch.Tensor = self.D if not suffix else self.D_b
-        fused = x.device.type != "meta" and resolve_backend(self.backend, x) == "triton"
-        x = causal_conv1d(x, conv.weight, conv.bias, "silu", reverse=reverse,
-                          backend="triton" if fused else "reference")
         w_x, w_dt, rank = x_proj.weight, dt_proj.weight, self.dt_rank
         if x.is_cuda and torch.compiler.is_compiling():  # sizes cuBLAS has fast kernels for (the same products)
             w_x, w_dt, rank = aligned_projections(w_x, w_dt, rank)
@@ -184,7 +180,12 @@ class BiMambaMixer(nn.Module):
         # (batch, E, L) views. chunk, not two slices: the backward of a slice fills a zero tensor of xz's size
         # and copies the slice's gradient in (two of each per block, then an add); chunk's is one concatenation
         x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))
-        y = self._scan(x, z, "") + self._scan(x, z, "_b")
+        # both directions' convolutions + SiLU (the backward one from the end) in one kernel each way on the triton
+        # path: x read once, one dx for both
+        fused = x.device.type != "meta" and resolve_backend(self.backend, x) == "triton"
+        x_f, x_b = causal_conv1d_bidirectional(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight,
+                                               self.conv1d_b.bias, "silu", backend="triton" if fused else "reference")
+        y = self._scan(x_f, z, "") + self._scan(x_b, z, "_b")
         # Vim's "if_devide_out": the mean of the two directions
         return self.out_proj(y.mul_(0.5).transpose(1, 2))
 

@@ -11,6 +11,10 @@ recomputes pre once per step, writes dpre = dout silu'(pre) (float32) to a scrat
 at the K shifts for dx_s = sum_j w_j dpre_{s + S ((K-1) - j)} one tile later, and sums dw_j and dbias over its
 run, adding them atomically into zeroed outputs.
 
+Both directions of one x (a bidirectional Mamba block's two convolutions, :func:`causal_conv1d_bidirectional_triton`):
+one forward kernel computes both outputs from the same loads; the backward runs the kernel once per direction, the
+second adding its dx to the first's (``ACCUMULATE``), so no separate kernel adds the two.
+
 Earlier backwards (Vim-Ti's training shapes, batch 256, L 197, dim 384): one program per (batch row, block of
 channels) walking all the steps (0.48 ms a call on an H200: 23 ms of a 150 ms step); one pass that recomputed
 pre at the K positions each dx_s needs, K times the exp, division and loads (0.223 ms on an H100); two kernels,
@@ -69,21 +73,30 @@ def _channel_params(w_ptr, b_ptr, offs_d, mask_d, K: tl.constexpr, HAS_BIAS: tl.
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, L, sx_b, sx_d, sx_l, so_b, so_d, so_l,
-                     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CT: tl.constexpr):
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, w2_ptr, b2_ptr, out2_ptr, dim, L, sx_b, sx_d, sx_l, so_b, so_d,
+                     so_l, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
+                     BOTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CT: tl.constexpr):
+    """Forward, one direction (S = SIGN) or, with BOTH, also the opposite one (weight ``w2``, bias ``b2``, into
+    ``out2``, which has out's strides) from the same loaded x (the shifted loads overlap: cache hits)."""
     pid_b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
     x_row = pid_b * sx_b + offs_d * sx_d
+    o_ptrs = pid_b * so_b + offs_d[None, :] * so_d + t[:, None] * so_l
+    m = (t < L)[:, None] & mask_d[None, :]
+    bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
     pre, _, _, _, _ = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
     if SILU:
         pre = pre * _sigmoid(pre, CT)
-    m = (t < L)[:, None] & mask_d[None, :]
-    tl.store(out_ptr + pid_b * so_b + offs_d[None, :] * so_d + t[:, None] * so_l, pre.to(out_ptr.dtype.element_ty),
-             mask=m)
+    tl.store(out_ptr + o_ptrs, pre.to(out_ptr.dtype.element_ty), mask=m)
+    if BOTH:
+        bias2, w2_ptrs = _channel_params(w2_ptr, b2_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
+        pre2, _, _, _, _ = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w2_ptrs, bias2, K, -SIGN, CT, BLOCK_L,
+                                           BLOCK_D)
+        if SILU:
+            pre2 = pre2 * _sigmoid(pre2, CT)
+        tl.store(out2_ptr + o_ptrs, pre2.to(out2_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -142,7 +155,8 @@ def _dpre_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, w_ptrs, 
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dx_ptr, dw_ptr, db_ptr, dim, L, tiles,
                      sx_b, sx_d, sx_l, sg_b, sg_d, sg_l, so_b, so_d, so_l,
                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, CT: tl.constexpr):
+                     ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_K: tl.constexpr, CT: tl.constexpr):
     """Backward. One program per (batch row, run of ``tiles`` blocks of BLOCK_L steps, block of channels), its
     tiles taken in scan order (memory position t = p, or L - 1 - p when S = -1, at scan position p):
 
@@ -154,7 +168,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dx_ptr, dw_ptr, db
     - the weight and bias gradients, accumulated element by element over the run's own tiles, summed over the
       steps once at the end and added atomically into zeroed ``dw`` (dim, K) and ``db`` (dim,) of the compute
       dtype (summing each tile over its steps -- K + 1 reductions across lanes and warps per tile -- was most
-      of the instructions)."""
+      of the instructions).
+
+    ACCUMULATE: add dx to what ``dx`` holds (the other direction's dx, for a bidirectional block's two
+    convolutions of one x) instead of overwriting it."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -201,7 +218,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dx_ptr, dw_ptr, db
                 dv = tl.load(dpre_ptr + dpre_row[None, :] + ts[:, None] * dim, mask=m, other=0.0)
                 dx += dv * tl.load(w_ptrs + (K - 1 - k)).to(CT)[None, :]
             m = ((tq >= 0) & (tq < L))[:, None] & mask_d[None, :]
-            tl.store(dx_ptr + o_row[None, :] + tq[:, None] * so_l, dx.to(dx_ptr.dtype.element_ty), mask=m)
+            dx_ptrs = dx_ptr + o_row[None, :] + tq[:, None] * so_l
+            if ACCUMULATE:
+                dx += tl.load(dx_ptrs, mask=m, other=0.0).to(CT)
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=m)
     if K <= 4:
         for j in tl.static_range(K):
             dw += tl.where((offs_k == j)[:, None], tl.sum(_slot(j, dw0, dw1, dw2, dw3), axis=0)[None, :], 0.0)
@@ -228,39 +248,64 @@ def _empty_channels_last(batch: int, dim: int, L: int, like: torch.Tensor) -> to
 FWD_BLOCKS = (64, 64, 4)
 BWD_BLOCKS = (16, 64, 2)
 BWD_STEPS = 256
+# Both directions of one x in one forward kernel (a bidirectional mixer's two convolutions): the fastest of 7 shapes
+# on an H200 (2026-11-22, Vim-Ti, triton.testing.do_bench): 0.060 ms at 224 and 0.099 ms at 1248, against 0.086 and
+# 0.128 ms for two single-direction calls (at 224 a repeat gave 0.098 against 0.086: do_bench there is mostly host
+# time). Profiler kernel time in the graphed training step at 224: 0.056 ms a layer, against 2 x 0.040 ms before.
+BIDIR_FWD_BLOCKS = (16, 64, 2)
 
 
-def _conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool, reverse: bool):
-    """The forward kernel: x (batch, dim, L), w (dim, K) contiguous -> out, channels-contiguous."""
+def _conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool, reverse: bool,
+                  w2: torch.Tensor | None = None, bias2: torch.Tensor | None = None):
+    """The forward kernel: x (batch, dim, L), w (dim, K) contiguous -> out, channels-contiguous. With ``w2``:
+    ``(out, out2)``, out2 the opposite direction's convolution (weight w2, bias bias2, which must be given
+    exactly when ``bias`` is) of the same x, from one kernel."""
     batch, dim, L = x.shape
+    both = w2 is not None
     out = _empty_channels_last(batch, dim, L, x)
-    block_l, block_d, warps = FWD_BLOCKS
+    out2 = _empty_channels_last(batch, dim, L, x) if both else out
+    block_l, block_d, warps = BIDIR_FWD_BLOCKS if both else FWD_BLOCKS
     grid = (batch, triton.cdiv(L, block_l), triton.cdiv(dim, block_d))
-    _conv_fwd_kernel[grid](x, w, w if bias is None else bias, out, dim, L, *x.stride(), *out.stride(),
-                           HAS_BIAS=bias is not None, SILU=silu, K=w.shape[1], SIGN=-1 if reverse else 1,
-                           BLOCK_L=block_l, BLOCK_D=block_d, CT=_ct(x.dtype), num_warps=warps)
-    return out
+    b = w if bias is None else bias
+    _conv_fwd_kernel[grid](x, w, b, out, w2 if both else w, b if bias2 is None else bias2, out2, dim, L,
+                           *x.stride(), *out.stride(), HAS_BIAS=bias is not None, SILU=silu, K=w.shape[1],
+                           SIGN=-1 if reverse else 1, BOTH=both, BLOCK_L=block_l, BLOCK_D=block_d, CT=_ct(x.dtype),
+                           num_warps=warps)
+    return (out, out2) if both else out
 
 
 def _conv_backward(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool,
-                   reverse: bool):
-    """The backward kernel: ``(dx, dw, dbias or None)``; dx channels-contiguous, dw (dim, K)."""
+                   reverse: bool, dx: torch.Tensor | None = None):
+    """The backward kernel: ``(dx, dw, dbias or None)``; dx channels-contiguous, dw (dim, K). With ``dx`` given
+    (channels-contiguous, x's shape and dtype), this dx is added to it, in place."""
     batch, dim, L = x.shape
     K = w.shape[1]
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dx = _empty_channels_last(batch, dim, L, x)
+    accumulate = dx is not None
+    if dx is None:
+        dx = _empty_channels_last(batch, dim, L, x)
     dpre = torch.empty(batch, L, dim, device=x.device, dtype=ct)  # scratch, read back by the program that wrote it
     block_l, block_d, warps = BWD_BLOCKS
     tiles = max(1, min(triton.cdiv(L, block_l), BWD_STEPS // block_l))
     grid = (batch, triton.cdiv(L, block_l * tiles), triton.cdiv(dim, block_d))
     dw = torch.zeros(dim, K, device=x.device, dtype=ct)  # summed over programs by atomic adds
     db = torch.zeros(dim, device=x.device, dtype=ct) if bias is not None else dw
-    sign = -1 if reverse else 1
     _conv_bwd_kernel[grid](x, w, w if bias is None else bias, dout, dpre, dx, dw, db, dim, L, tiles,
                            *x.stride(), *dout.stride(), *dx.stride(), HAS_BIAS=bias is not None, SILU=silu, K=K,
-                           SIGN=sign, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(K),
-                           CT=_ct(x.dtype), num_warps=warps)
+                           SIGN=-1 if reverse else 1, ACCUMULATE=accumulate, BLOCK_L=block_l, BLOCK_D=block_d,
+                           BLOCK_K=triton.next_power_of_2(K), CT=_ct(x.dtype), num_warps=warps)
     return dx, dw.to(w.dtype), (db.to(bias.dtype) if bias is not None else None)
+
+
+def _conv_backward_both(dout: torch.Tensor, dout2: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                        bias: torch.Tensor | None, w2: torch.Tensor, bias2: torch.Tensor | None, silu: bool):
+    """The backward of :func:`_conv_forward` with ``w2``: ``(dx, dw, dbias, dw2, dbias2)``, dx the sum of both
+    directions'. Two backward kernels, the second adding its dx to the first's. One kernel for both directions
+    (each tile's dpre for both, dx from both, a halo tile on each side) was no faster than two kernels and the add
+    of their dx (H200, 2026-11-22, Vim-Ti shapes, triton.testing.do_bench, the fastest of 7 block shapes: 0.268
+    against 0.265 ms at batch 256, L 197; 0.541 against 0.500 ms at batch 16, L 6085); this removes the add."""
+    dx, dw, db = _conv_backward(dout, x, w, bias, silu, False)
+    return (dx, dw, db, *_conv_backward(dout2, x, w2, bias2, silu, True, dx)[1:])
 
 
 class CausalConv1dTriton(torch.autograd.Function):
@@ -279,8 +324,26 @@ class CausalConv1dTriton(torch.autograd.Function):
         return (*_conv_backward(dout, x, w, bias, *ctx.flags), None, None)
 
 
-# Under torch.compile the kernels run as two custom ops, so that a compiled model traces around them (Inductor
-# fuses the work between them; CUDA graphs can capture them). Eager mode keeps the autograd function above: a
+class CausalConv1dBidirTriton(torch.autograd.Function):
+    """Both directions of one x (causal with ``weight``, anti-causal with ``weight2``): one forward kernel, two
+    backward kernels writing one dx; for eager mode (under ``torch.compile``: the custom ops for both directions
+    below)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight2, bias2, silu):
+        w, w2 = weight.contiguous(), weight2.contiguous()
+        ctx.save_for_backward(x, w, bias, w2, bias2)
+        ctx.silu = silu
+        return _conv_forward(x, w, bias, silu, False, w2, bias2)
+
+    @staticmethod
+    def backward(ctx, dout, dout2):
+        x, w, bias, w2, bias2 = ctx.saved_tensors  # (unused outputs' gradients come as zeros: materialised)
+        return (*_conv_backward_both(dout, dout2, x, w, bias, w2, bias2, ctx.silu), None)
+
+
+# Under torch.compile the kernels run as custom ops, so that a compiled model traces around them (Inductor
+# fuses the work between them; CUDA graphs can capture them). Eager mode keeps the autograd functions above: a
 # custom op's dispatch costs the host several times more per call (see selective_scan/custom_ops.py).
 @torch.library.custom_op("mmpretrain::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
@@ -294,19 +357,27 @@ def _(x, weight, bias, silu, reverse):
     return _empty_channels_last(*x.shape, x)
 
 
+def _grad_or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A custom op returns tensors only: an absent bias's gradient crosses it as an empty tensor."""
+    return grad if grad is not None else like.new_empty(0)
+
+
 @torch.library.custom_op("mmpretrain::causal_conv1d_bwd", mutates_args=())
 def causal_conv1d_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       silu: bool, reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)``; dbias is empty without a bias."""
     with on_device(x):
         dx, dw, db = _conv_backward(dout, x, weight.contiguous(), bias, silu, reverse)
-    return dx, dw, db if db is not None else x.new_empty(0)
+    return dx, dw, _grad_or_empty(db, x)
+
+
+def _fake_weight_grads(x, weight, bias):
+    return weight.new_empty(weight.shape), (bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
 
 
 @causal_conv1d_bwd.register_fake
 def _(dout, x, weight, bias, silu, reverse):
-    db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
-    return _empty_channels_last(*x.shape, x), weight.new_empty(weight.shape), db
+    return _empty_channels_last(*x.shape, x), *_fake_weight_grads(x, weight, bias)
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -324,12 +395,78 @@ def _conv_backward_rule(ctx, dout):
 causal_conv1d_fwd.register_autograd(_conv_backward_rule, setup_context=_conv_setup_context)
 
 
+@torch.library.custom_op("mmpretrain::causal_conv1d_bidir_fwd", mutates_args=())
+def causal_conv1d_bidir_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight2: torch.Tensor,
+                            bias2: torch.Tensor | None, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    with on_device(x):
+        return _conv_forward(x, weight.contiguous(), bias, silu, False, weight2.contiguous(), bias2)
+
+
+@causal_conv1d_bidir_fwd.register_fake
+def _(x, weight, bias, weight2, bias2, silu):
+    return _empty_channels_last(*x.shape, x), _empty_channels_last(*x.shape, x)
+
+
+@torch.library.custom_op("mmpretrain::causal_conv1d_bidir_bwd", mutates_args=())
+def causal_conv1d_bidir_bwd(dout: torch.Tensor, dout2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None, weight2: torch.Tensor, bias2: torch.Tensor | None,
+                            silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias, dweight2, dbias2)``; a bias's gradient is empty without it."""
+    with on_device(x):
+        dx, dw, db, dw2, db2 = _conv_backward_both(dout, dout2, x, weight.contiguous(), bias, weight2.contiguous(),
+                                                   bias2, silu)
+    return dx, dw, _grad_or_empty(db, x), dw2, _grad_or_empty(db2, x)
+
+
+@causal_conv1d_bidir_bwd.register_fake
+def _(dout, dout2, x, weight, bias, weight2, bias2, silu):
+    return _empty_channels_last(*x.shape, x), *_fake_weight_grads(x, weight, bias), *_fake_weight_grads(x, weight2,
+                                                                                                           bias2)
+
+
+def _bidir_setup_context(ctx, inputs, output):
+    x, weight, bias, weight2, bias2, silu = inputs
+    ctx.save_for_backward(x, weight, bias, weight2, bias2)
+    ctx.silu = silu
+
+
+def _bidir_backward_rule(ctx, dout, dout2):
+    x, weight, bias, weight2, bias2 = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(dout2)
+    if dout2 is None:
+        dout2 = torch.zeros_like(dout)
+    dx, dw, db, dw2, db2 = causal_conv1d_bidir_bwd(dout, dout2, x, weight, bias, weight2, bias2, ctx.silu)
+    return dx, dw, (db if bias is not None else None), dw2, (db2 if bias2 is not None else None), None
+
+
+causal_conv1d_bidir_fwd.register_autograd(_bidir_backward_rule, setup_context=_bidir_setup_context)
+
+
+def _check_activation(activation: str | None) -> None:
+    if activation not in ("silu", None):
+        raise ValueError(f"causal_conv1d: activation must be 'silu' or None, got {activation!r}")
+
+
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          activation: str | None = "silu", reverse: bool = False) -> torch.Tensor:
     """Fused Triton depthwise causal convolution (+ SiLU); same results as ``causal_conv1d_reference``.
     The output is (batch, dim, L), channels-contiguous in memory. Under ``torch.compile``: the custom ops."""
-    if activation not in ("silu", None):
-        raise ValueError(f"causal_conv1d: activation must be 'silu' or None, got {activation!r}")
+    _check_activation(activation)
     if torch.compiler.is_compiling():
         return causal_conv1d_fwd(x, weight, bias, activation == "silu", bool(reverse))
     return CausalConv1dTriton.apply(x, weight, bias, activation == "silu", bool(reverse))
+
+
+def causal_conv1d_bidirectional_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                       weight_b: torch.Tensor, bias_b: torch.Tensor | None,
+                                       activation: str | None = "silu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions of :func:`causal_conv1d_triton` over one x: ``(causal with weight, bias; reverse with
+    weight_b, bias_b)``. The forward is one kernel reading x once for both; the backward's second kernel adds its
+    dx to the first's (no separate add). Biases: both or neither."""
+    _check_activation(activation)
+    if (bias is None) != (bias_b is None):
+        raise ValueError("causal_conv1d_bidirectional: give both biases or neither (bias and bias_b)")
+    if torch.compiler.is_compiling():
+        return causal_conv1d_bidir_fwd(x, weight, bias, weight_b, bias_b, activation == "silu")
+    return CausalConv1dBidirTriton.apply(x, weight, bias, weight_b, bias_b, activation == "silu")
