@@ -98,10 +98,18 @@ class VimRMSNorm(nn.Module):
 
 
 class VimPatchEmbed(nn.Module):
+    """Image to patch tokens with the weight of one ``Conv2d`` (``self.proj``).
+
+    Non-overlapping patches (stride == patch_size) are one matrix product of the unfolded patches with the conv's
+    weight, the same sums (GPU libraries run a strided 16x16 conv on three channels slowly); overlapping strides
+    keep the convolution.
+    """
+
     def __init__(self, config: VimConfig) -> None:
         super().__init__()
         self.image_size = tuple(config.image_size)
         p, s = config.patch_size, config.stride
+        self.patch_size, self.stride = p, s
         self.grid_size = tuple((i - p) // s + 1 for i in self.image_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=p, stride=s)
@@ -110,8 +118,13 @@ class VimPatchEmbed(nn.Module):
         if tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(f"Vim: pixel_values are {tuple(pixel_values.shape[-2:])} but the model takes "
                              f"{self.image_size}; use the image processor saved with the model")
-        x = self.proj(pixel_values.to(self.proj.weight.dtype))
-        return x.flatten(2).transpose(1, 2)
+        x = pixel_values.to(self.proj.weight.dtype)
+        if self.stride != self.patch_size:
+            return self.proj(x).flatten(2).transpose(1, 2)  # (batch, num_patches, hidden_size)
+        (gh, gw), p = self.grid_size, self.patch_size
+        x = x[..., :gh * p, :gw * p]  # the rows and columns a strided conv would leave out
+        patches = x.reshape(x.shape[0], x.shape[1], gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (batch, gh * gw, hidden_size)
 
 
 class VimMambaMixer(nn.Module):
