@@ -31,6 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -173,7 +174,10 @@ def _scan_rows(sass_dir: Path | None, lines: int = 0, config: dict | None = None
     for local, carry in variants:
         kernels.append(("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.block_d_bwd // rows_bwd, cfg.num_warps_bwd,
                         dict(ROWS=rows_bwd, LANES_D=cfg.block_d_bwd // rows_bwd, LOCAL=local, HAS_CARRY=carry,
-                             FAST_LOG=True, SUB=cfg.bwd_sub_chunk)))
+                             FAST_LOG=True, SUB=cfg.bwd_sub_chunk,
+                             LANE_SUMS=tk.lane_sums(cfg.block_d_bwd // rows_bwd, cfg.bwd_sub_chunk,
+                                                    cfg.num_warps_bwd or max(1, cfg.block_d_bwd // rows_bwd // 32),
+                                                    torch.bfloat16, 16))))
     for name, fn, block, lanes, warps, extra in kernels:
         ones, div = _vim_args(fn)
         const = dict(flags, **extra, **ones)

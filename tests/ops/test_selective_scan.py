@@ -331,6 +331,24 @@ def test_triton_backend_long(device, config, groups):
 
 @needs_triton
 @pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("block_d_bwd", [8, 16, 32, 64])
+def test_triton_backend_channel_sums(device, block_d_bwd):
+    """The backward's sums of dB and dC over each program's channels at 4, 8, 16 and 32 channel lanes (two rows per
+    thread): on a GPU the shuffle reduce-scatter (``lane_sums``), whose lanes must line up with Triton's layout; in
+    the interpreter tl.sum. 16 states, a partial last tile (L 23), grouped B and C (two groups of 64 channels);
+    the reverse direction's positions are checked by test_selective_scan_layouts.py."""
+    from mmpretrain.ops.selective_scan.triton_kernels import lane_sums
+
+    lanes = block_d_bwd // 2
+    dtype = torch.float32 if device == "cuda" else torch.float64
+    assert lane_sums(lanes, 4, 1, torch.float32, 16) or INTERPRET
+    t, flags = make_inputs(2, 128, 23, 16, 2, "full", dtype, device, seed=lanes)
+    got = run_with_grads(_triton(block_d_bwd=block_d_bwd, chunk=8), t, flags)
+    assert_matches(got, reference_of(t, flags), RTOL[dtype], f"triton lanes {lanes}", ATOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
 def test_triton_backend_strong_decay_and_mixed_groups(device):
     """Underflowing decays (a_t x_{t-1} must not come from x_t - dt B u), and B shared while C is grouped."""
     t, flags = make_inputs(2, 4, 12, 4, 2, "full", torch.float32, device, seed=13)

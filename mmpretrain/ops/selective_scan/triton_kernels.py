@@ -37,8 +37,9 @@ tiles backwards with the adjoint g_t = dL/dx_t:
 Inside a tile both recurrences run step by step in registers, forwards for x_t and a_t x_{t-1}
 (:func:`_recur`; a_t x_{t-1} is kept, not formed as x_t - b_t, which cancels to rounding noise when the
 decay is strong) and backwards for g (:func:`_adjoint`). dB and dC are summed over a program's channels (in
-registers and across lanes) and over programs with atomic adds into (batch, groups, L, N) float32; dA, dD
-and d(delta_bias) over a program's steps in registers and over programs with atomic adds too. The
+registers, then across lanes by a shuffle reduce-scatter on a GPU, :func:`_add_channel_sums`) and over programs
+with atomic adds into (batch, groups, L, N) float32; dA, dD and d(delta_bias) over a program's steps in registers
+and over programs with atomic adds too. The
 backward's tiles are (SUB, ROWS, N, LANES_D): each thread holds ROWS channels, so the sums over channels
 first add in registers and cross fewer lanes (see :func:`_bwd_kernel`).
 
@@ -302,6 +303,52 @@ def _rows_tile(s0, offs_s, end, mask_d, mask_n, REVERSE: tl.constexpr, L):
 
 
 @triton.jit
+def _shfl_xor(x, OFF: tl.constexpr):
+    """Each lane's x from the lane whose index differs by the bits of OFF (a butterfly shuffle; float32, every lane
+    of the warp taking part). Inline PTX: Triton has no shuffle, only reductions that leave the sum on every lane."""
+    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
+                                     [x, tl.full(x.shape, OFF, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _add_channel_sums(ptr, part, row, s0, offs_n, mask_n, REVERSE: tl.constexpr, L, N, LANES_D: tl.constexpr):
+    """Atomically adds ``part`` (4 steps, BN, LANES_D) summed over its LANES_D lanes into ptr[row + t * N] (dB or
+    dC of the 4-step tile starting at scan step s0; ``row`` (1, BN, 1) points at each state's entry for position
+    0), as a reduce-scatter. In each of the first two shuffle rounds a lane sends its partner the half of its
+    steps that the partner keeps and adds the partner's half of its own: after them each lane holds one step's
+    sums over 4 lanes (12 shuffles per thread with 8 channel lanes, against 2 x 16 for butterflies); butterflies
+    sum the remaining lanes, which then split the atomic adds between them. ``tl.sum`` shuffles every value in
+    every round (3 x 16 per thread over 8 lanes) and leaves every sum on every lane.
+
+    The shuffles pair lanes by index, so this relies on the layout Triton gives the backward's tiles: one warp, the
+    channel lanes on the lane index's low bits, each thread one element of the lane axis (the default blocked
+    layout; ``test_triton_backend_channel_sums`` checks it on a GPU at 4 to 32 channel lanes)."""
+    HALF: tl.constexpr = LANES_D // 2
+    QUARTER: tl.constexpr = LANES_D // 4
+    steps = tl.arange(0, 4)[:, None, None]
+    lanes = tl.arange(0, LANES_D)[None, None, :]
+    hi = (lanes & HALF) != 0  # this lane keeps steps 2, 3 and gives steps 0, 1 away; its partner the converse
+    p0, p1 = _step_of(part, steps, 0), _step_of(part, steps, 1)
+    p2, p3 = _step_of(part, steps, 2), _step_of(part, steps, 3)
+    q0 = tl.where(hi, p2, p0) + _shfl_xor(tl.where(hi, p0, p2), HALF)
+    q1 = tl.where(hi, p3, p1) + _shfl_xor(tl.where(hi, p1, p3), HALF)
+    mid = (lanes & QUARTER) != 0
+    r = tl.where(mid, q1, q0) + _shfl_xor(tl.where(mid, q0, q1), QUARTER)  # step 2 hi + mid
+    if QUARTER >= 8:
+        r += _shfl_xor(r, 4)
+    if QUARTER >= 4:
+        r += _shfl_xor(r, 2)
+    if QUARTER >= 2:
+        r += _shfl_xor(r, 1)
+    t, valid = _step_positions(s0 + 2 * hi.to(tl.int32) + mid.to(tl.int32), 0, L, REVERSE, L)
+    # the QUARTER lanes that now hold the same sums split the states between them (a state's register index
+    # n // (32 // LANES_D) picks the lane)
+    n = offs_n[None, :, None]
+    mine = (n // (32 // LANES_D)) % QUARTER == lanes % QUARTER
+    tl.atomic_add(ptr + row + t * N, r, mask=valid & mask_n[None, :, None] & mine, sem="relaxed")
+
+
+@triton.jit
 def _bwd_kernel(
     u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, ckpt_ptr, carry_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
@@ -310,8 +357,8 @@ def _bwd_kernel(
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, LOCAL: tl.constexpr, HAS_CARRY: tl.constexpr, FAST_LOG: tl.constexpr,
-    ROWS: tl.constexpr, LANES_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-    CT: tl.constexpr,
+    LANE_SUMS: tl.constexpr, ROWS: tl.constexpr, LANES_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    SUB: tl.constexpr, CT: tl.constexpr,
 ):
     """One program: batch row x block of ROWS * LANES_D channels x split, walking the split's chunks from the last.
 
@@ -452,8 +499,8 @@ def _bwd_kernel(
                     dy = dy * zt * sig_z
                 g, h = _adjoint(a, dy[:, :, None, :] * C4, h, steps, SUB)
                 # sums over the channels: a thread's rows in registers first, then across the lanes
-                dC = tl.sum(tl.sum(dy[:, :, None, :] * xs, axis=1), axis=2)  # (SUB, BN)
-                dB = tl.sum(tl.sum(g * dtu[:, :, None, :], axis=1), axis=2)
+                dC_part = tl.sum(dy[:, :, None, :] * xs, axis=1)  # (SUB, BN, LANES_D)
+                dB_part = tl.sum(g * dtu[:, :, None, :], axis=1)
                 gB = tl.sum(g * B4, axis=2)  # (SUB, ROWS, LANES_D)
                 du = dt * gB
                 if HAS_D:
@@ -471,8 +518,17 @@ def _bwd_kernel(
                          mask=m_td)
                 # summed over the channels of the group: per block here, across blocks by atomics (a tile's
                 # (SUB, N) sums are contiguous)
-                tl.atomic_add(dB_ptr + dBC_row[None, :] + tm[:, None] * N, dB, mask=m_tn, sem="relaxed")
-                tl.atomic_add(dC_ptr + dBC_row[None, :] + tm[:, None] * N, dC, mask=m_tn, sem="relaxed")
+                if LANE_SUMS:
+                    s0 = t0 + j * SUB
+                    _add_channel_sums(dB_ptr, dB_part, dBC_row[None, :, None], s0, offs_n, mask_n, REVERSE, L, N,
+                                      LANES_D)
+                    _add_channel_sums(dC_ptr, dC_part, dBC_row[None, :, None], s0, offs_n, mask_n, REVERSE, L, N,
+                                      LANES_D)
+                else:
+                    tl.atomic_add(dB_ptr + dBC_row[None, :] + tm[:, None] * N, tl.sum(dB_part, axis=2), mask=m_tn,
+                                  sem="relaxed")
+                    tl.atomic_add(dC_ptr + dBC_row[None, :] + tm[:, None] * N, tl.sum(dC_part, axis=2), mask=m_tn,
+                                  sem="relaxed")
 
     if LOCAL:
         tl.store(carry_ptr + split_off + state_nd[None], h, mask=mask_nd[None])
@@ -595,6 +651,14 @@ def _flags(cfg: TritonConfig, lanes: int, bn: int, dtype: torch.dtype, D, z, del
                 CHUNK=cfg.chunk, SUB=sub, CT=_tl_compute_dtype(dtype), num_warps=num_warps or max(1, lanes // 32))
 
 
+def lane_sums(lanes: int, sub: int, num_warps: int, dtype: torch.dtype, bn: int) -> bool:
+    """Whether the backward sums dB and dC over its lanes by :func:`_add_channel_sums` (shuffles in inline PTX:
+    on a GPU, in float32, for 4-step tiles in one warp with 4 to 32 channel lanes and the states filling the
+    rest of the warp) rather than ``tl.sum``. Triton's interpreter runs no PTX: it always takes ``tl.sum``."""
+    return (not interpreter_active() and dtype != torch.float64 and sub == 4 and num_warps == 1
+            and lanes in (4, 8, 16, 32) and bn >= 32 // lanes)
+
+
 def _empty_in_layout(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An empty (batch, dim, L) tensor, channels-contiguous ((batch, L, dim) in memory) when ``like`` is, so that
     the kernels' reads and writes of a step stay coalesced; else contiguous."""
@@ -698,8 +762,9 @@ def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, sof
     if L > 0:
         sub = cfg.bwd_sub_chunk
         rows = min(cfg.rows_bwd, bd)  # the program's bd channels as rows of lanes
-        flags = dict(_flags(cfg, bd // rows, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps_bwd,
-                            sub), ROWS=rows, LANES_D=bd // rows)
+        flags = _flags(cfg, bd // rows, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps_bwd, sub)
+        flags.update(ROWS=rows, LANES_D=bd // rows,
+                     LANE_SUMS=lane_sums(bd // rows, sub, flags["num_warps"], u.dtype, bn))
         scratch = torch.empty(batch * n_blocks * n_splits * (cfg.chunk // sub) * bd * bn, device=dev, dtype=ct)
         grads = [du, ddelta, du if dz is None else dz, dB, dC, dA_t, dA_t if dD is None else dD,
                  dA_t if dbias is None else dbias]
