@@ -42,6 +42,12 @@ def test_reference_matches_loop(reverse, silu):
     torch.testing.assert_close(got, loop_conv(x, w, b, silu, reverse))
 
 
+def _strided_like_mixer(x: torch.Tensor) -> torch.Tensor:
+    """x as a channels-contiguous slice of a wider (batch, L, 2 dim) activation, as the mixer has it."""
+    wide = torch.cat([x.transpose(1, 2), torch.zeros_like(x).transpose(1, 2)], dim=2)
+    return wide[:, :, :x.shape[1]].transpose(1, 2)
+
+
 def triton_device():
     if INTERPRET:
         return "cpu"
@@ -65,9 +71,8 @@ def test_triton_conv_matches_reference(reverse, layout, L, K, bias):
         b = torch.randn(dim, generator=g, dtype=torch.float64) if bias else None
         dout = torch.randn(2, dim, L, generator=g, dtype=torch.float64)
         xd = x.to(device, dtype)
-        if layout == "channels_last":  # a slice of a wider (batch, L, 2 dim) activation, as the mixer has it
-            wide = torch.cat([xd.transpose(1, 2), torch.zeros_like(xd).transpose(1, 2)], dim=2)
-            xd = wide[:, :, :dim].transpose(1, 2)
+        if layout == "channels_last":
+            xd = _strided_like_mixer(xd)
             assert xd.stride(1) == 1
         xd = xd.detach().requires_grad_(True)
         wd = w.to(device, torch.float32 if dtype != torch.float64 else dtype).requires_grad_(True)
@@ -117,12 +122,6 @@ def test_triton_conv_custom_ops(bias):
         compiled += torch.autograd.grad((compiled[0] * dout).sum(), inputs)
         for name, got, exp in zip(["out", "dx", "dw", "db"], compiled, eager):
             torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-6, msg=f"reverse={reverse}: {name}")
-
-
-def _strided_like_mixer(x: torch.Tensor) -> torch.Tensor:
-    """x as a channels-contiguous slice of a wider (batch, L, 2 dim) activation, as the mixer has it."""
-    wide = torch.cat([x.transpose(1, 2), torch.zeros_like(x).transpose(1, 2)], dim=2)
-    return wide[:, :, :x.shape[1]].transpose(1, 2)
 
 
 @pytest.mark.skipif(not HAS_TRITON or triton_device() is None,

@@ -73,6 +73,18 @@ def _channel_params(w_ptr, b_ptr, offs_d, mask_d, K: tl.constexpr, HAS_BIAS: tl.
 
 
 @triton.jit
+def _conv_out_tile(x_ptr, x_row, t, offs_d, mask_d, L, sx_l, w_ptr, b_ptr, out_ptr, o_ptrs, m, HAS_BIAS: tl.constexpr,
+                   SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr, CT: tl.constexpr, BLOCK_L: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """One direction's output for a (BLOCK_L, BLOCK_D) tile: act(bias + sum_j w_j x_{t + S (j - (K-1))}), stored."""
+    bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
+    pre, _, _, _, _ = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
+    if SILU:
+        pre = pre * _sigmoid(pre, CT)
+    tl.store(out_ptr + o_ptrs, pre.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, w2_ptr, b2_ptr, out2_ptr, dim, L, sx_b, sx_d, sx_l, so_b, so_d,
                      so_l, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
                      BOTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, CT: tl.constexpr):
@@ -85,18 +97,11 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, w2_ptr, b2_ptr, out2_ptr, dim
     x_row = pid_b * sx_b + offs_d * sx_d
     o_ptrs = pid_b * so_b + offs_d[None, :] * so_d + t[:, None] * so_l
     m = (t < L)[:, None] & mask_d[None, :]
-    bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
-    pre, _, _, _, _ = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
-    if SILU:
-        pre = pre * _sigmoid(pre, CT)
-    tl.store(out_ptr + o_ptrs, pre.to(out_ptr.dtype.element_ty), mask=m)
+    _conv_out_tile(x_ptr, x_row, t, offs_d, mask_d, L, sx_l, w_ptr, b_ptr, out_ptr, o_ptrs, m, HAS_BIAS, SILU, K, SIGN,
+                   CT, BLOCK_L, BLOCK_D)
     if BOTH:
-        bias2, w2_ptrs = _channel_params(w2_ptr, b2_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
-        pre2, _, _, _, _ = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w2_ptrs, bias2, K, -SIGN, CT, BLOCK_L,
-                                           BLOCK_D)
-        if SILU:
-            pre2 = pre2 * _sigmoid(pre2, CT)
-        tl.store(out2_ptr + o_ptrs, pre2.to(out2_ptr.dtype.element_ty), mask=m)
+        _conv_out_tile(x_ptr, x_row, t, offs_d, mask_d, L, sx_l, w2_ptr, b2_ptr, out2_ptr, o_ptrs, m, HAS_BIAS, SILU,
+                       K, -SIGN, CT, BLOCK_L, BLOCK_D)
 
 
 @triton.jit
