@@ -157,6 +157,37 @@ def _dpre_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, w_ptrs, 
 
 
 @triton.jit
+def _raw_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, K: tl.constexpr, SIGN: tl.constexpr):
+    """For K <= 4: a tile's dout and its K shifted inputs x_{t + SIGN (j - (K-1))} (zeros past K) as stored, not
+    converted, so that they can be loaded a tile before they are used (:func:`_dpre_of` takes them)."""
+    m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
+    g = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=m_t, other=0.0)
+    x0 = tl.zeros_like(g)
+    x1, x2, x3 = x0, x0, x0
+    for j in tl.static_range(K):
+        ts = t + SIGN * (j - (K - 1))
+        m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
+        x0, x1, x2, x3 = _with_slot(j, tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0),
+                                    x0, x1, x2, x3)
+    return g, x0, x1, x2, x3
+
+
+@triton.jit
+def _dpre_of(g, x0, x1, x2, x3, t, mask_d, L, w_ptrs, bias, K: tl.constexpr, SILU: tl.constexpr,
+             CT: tl.constexpr):
+    """:func:`_dpre_tile` from a :func:`_raw_tile` already loaded (converted to the compute dtype): (dpre, mask)."""
+    m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
+    pre = tl.zeros_like(g) + bias[None, :]
+    for j in tl.static_range(K):
+        pre += _slot(j, x0, x1, x2, x3) * tl.load(w_ptrs + j).to(CT)[None, :]
+    dpre = g
+    if SILU:
+        sig = _sigmoid(pre, CT)
+        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+    return tl.where(m_t, dpre, 0.0), m_t
+
+
+@triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dx_ptr, dw_ptr, db_ptr, dim, L, tiles,
                      sx_b, sx_d, sx_l, sg_b, sg_d, sg_l, so_b, so_d, so_l,
                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
@@ -174,6 +205,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dx_ptr, dw_ptr, db
       steps once at the end and added atomically into zeroed ``dw`` (dim, K) and ``db`` (dim,) of the compute
       dtype (summing each tile over its steps -- K + 1 reductions across lanes and warps per tile -- was most
       of the instructions).
+
+    For K <= 4 each tile's loads (dout, the shifted inputs and, with ACCUMULATE, the dx it adds to) are issued
+    one iteration before they are used: the kernel waited on each load it had just issued (Nsight Compute, H200:
+    38% of its stall samples on global loads; one tile ahead cut its time 0.115 -> 0.096 ms at Vim-Ti's 224 shape).
 
     ACCUMULATE: add dx to what ``dx`` holds (the other direction's dx, for a bidirectional block's two
     convolutions of one x) instead of overwriting it."""
@@ -193,11 +228,27 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dx_ptr, dw_ptr, db
     dw0, dw1, dw2, dw3, db_acc = zero, zero, zero, zero, zero
     dw = tl.zeros((BLOCK_K, BLOCK_D), dtype=CT)
     p0 = pid_l * tiles * BLOCK_L
+    if K <= 4:  # each tile's loads are issued one tile ahead, and converted when used
+        g_n, x0_n, x1_n, x2_n, x3_n = _raw_tile(x_ptr, x_row, dout_ptr, g_row,
+                                                _memory_position(p0 + tl.arange(0, BLOCK_L), L, SIGN), mask_d, L,
+                                                sx_l, sg_l, K, SIGN)
+    acc_n = tl.zeros((BLOCK_L, BLOCK_D), dtype=dx_ptr.dtype.element_ty)
     for i in range(tiles + 1):
         p = p0 + i * BLOCK_L + tl.arange(0, BLOCK_L)
         t = _memory_position(p, L, SIGN)
-        dpre, m_t, x0, x1, x2, x3 = _dpre_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, w_ptrs,
-                                               bias, K, SIGN, SILU, CT, BLOCK_L, BLOCK_D)
+        if ACCUMULATE:  # the dx this tile adds to, needed in the next iteration: loaded now
+            m_acc = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
+            acc_c = acc_n
+            acc_n = tl.load(dx_ptr + o_row[None, :] + t[:, None] * so_l, mask=m_acc, other=0.0)
+        if K <= 4:
+            g, x0, x1, x2, x3 = g_n.to(CT), x0_n.to(CT), x1_n.to(CT), x2_n.to(CT), x3_n.to(CT)
+            g_n, x0_n, x1_n, x2_n, x3_n = _raw_tile(x_ptr, x_row, dout_ptr, g_row,
+                                                    _memory_position(p + BLOCK_L, L, SIGN), mask_d, L, sx_l, sg_l, K,
+                                                    SIGN)
+            dpre, m_t = _dpre_of(g, x0, x1, x2, x3, t, mask_d, L, w_ptrs, bias, K, SILU, CT)
+        else:
+            dpre, m_t, x0, x1, x2, x3 = _dpre_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, w_ptrs,
+                                                   bias, K, SIGN, SILU, CT, BLOCK_L, BLOCK_D)
         tl.store(dpre_ptr + dpre_row[None, :] + t[:, None] * dim, dpre, mask=m_t)
         own = i < tiles  # the tile past the run's end only feeds dx
         dpre_own = tl.where(own, dpre, 0.0)
@@ -225,7 +276,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dx_ptr, dw_ptr, db
             m = ((tq >= 0) & (tq < L))[:, None] & mask_d[None, :]
             dx_ptrs = dx_ptr + o_row[None, :] + tq[:, None] * so_l
             if ACCUMULATE:
-                dx += tl.load(dx_ptrs, mask=m, other=0.0).to(CT)
+                dx += acc_c.to(CT)
             tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=m)
     if K <= 4:
         for j in tl.static_range(K):
@@ -246,12 +297,14 @@ def _empty_channels_last(batch: int, dim: int, L: int, like: torch.Tensor) -> to
 
 # (steps, channels, warps) per program. Forward: the fastest of those benchmarks/causal_conv1d.py tried on an
 # H200 (2026-11-21; Vim-Ti at 224, batch 256, dim 384, L 197: 0.046 ms, 16:64:4 took 0.096; floor 0.019).
-# Backward (tile steps, channels, warps) and steps per program: the fastest of 16:64:2, 32:32:2, 16:32:1 and
-# 32:64:4 with runs of 128 and 256 steps on an H200 (profiler kernel times, 2026-11-21, eighth session): 0.116 ms
-# at 224 and 0.229 ms at 1248 (batch 16, L 6085), against 0.083 + 0.050 and 0.159 + 0.087 ms for the same
-# first pass followed by a separate dx kernel.
+# Backward (tile steps, channels, warps) and steps per program, with each tile's loads issued a tile ahead: the
+# fastest of 16:64:2, 8:64:2, 8:32:1, 4:32:1 and 16:32:2 (16:64:2 and 16:32:1 spill) with runs of 128, 256 and 512
+# steps on an H200 (profiler kernel times, 2026-11-22, tenth session). One direction: 0.096 ms at 224 (batch 256,
+# L 197) and 0.184 ms at 1248 (batch 16, L 6085), against 0.115 and 0.226 ms for the previous kernel (16:64:2, loads
+# used as soon as issued) and 0.104 and 0.199 ms for that kernel at 8:32:1. Both directions (the second adding into
+# dx, its dx loads also a tile ahead): 0.224 and 0.437 ms against 0.240 and 0.476 ms.
 FWD_BLOCKS = (64, 64, 4)
-BWD_BLOCKS = (16, 64, 2)
+BWD_BLOCKS = (8, 32, 1)
 BWD_STEPS = 256
 # Both directions of one x in one forward kernel (a bidirectional mixer's two convolutions): the fastest of 7 shapes
 # on an H200 (2026-11-22, Vim-Ti, triton.testing.do_bench): 0.060 ms at 224 and 0.099 ms at 1248, against 0.086 and
