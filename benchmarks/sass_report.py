@@ -143,8 +143,8 @@ def _vim_args(fn) -> tuple[dict, tuple[str, ...]]:
     16-byte aligned pointers) are marked divisible."""
     dim, L, N, R = 384, 197, 16, 12
     values = dict(dim=dim, L=L, N=N, su_b=L * dim, su_d=1, su_l=dim, sdt_b=L * dim, sdt_d=1, sdt_l=dim,
-                  sz_b=L * 2 * dim, sz_d=1, sz_l=2 * dim, so_b=L * dim, so_d=1, so_l=dim, sg_b=L * dim, sg_d=1,
-                  sg_l=dim)
+                  sz_b=L * 2 * dim, sz_d=1, sz_l=2 * dim, so_b=L * dim, so_d=1, so_l=dim, sa_b=L * dim, sa_d=1,
+                  sa_l=dim, sg_b=L * dim, sg_d=1, sg_l=dim)
     for m in "BC":
         values.update({f"s{m}_b": L * (R + 2 * N), f"s{m}_g": 0, f"s{m}_n": 1, f"s{m}_l": R + 2 * N})
     const = {k: v for k, v in values.items() if v == 1 and k in fn.arg_names}
@@ -165,12 +165,14 @@ def _scan_rows(sass_dir: Path | None, lines: int = 0, config: dict | None = None
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False, CT=tk.tl.float32,
                  BLOCK_N=16, CHUNK=cfg.chunk)
     types = {"u_ptr": "*bf16", "delta_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "z_ptr": "*bf16",
-             "out_ptr": "*bf16", "dout_ptr": "*bf16", "du_ptr": "*bf16", "ddelta_ptr": "*bf16", "dz_ptr": "*bf16"}
+             "out_ptr": "*bf16", "dout_ptr": "*bf16", "du_ptr": "*bf16", "ddelta_ptr": "*bf16", "dz_ptr": "*bf16",
+             "add_ptr": "*bf16", "out_scale": "fp32"}
     variants = [(False, False)] + ([(True, False), (False, True)] if splits else [])  # (LOCAL, from a carry)
     kernels = []
     for local, carry in variants:
         kernels.append(("fwd", tk._fwd_kernel, cfg.block_d, cfg.block_d, cfg.num_warps,
-                        dict(BLOCK_D=cfg.block_d, LOCAL=local, HAS_INIT=carry, FAST_LOG=True, SUB=cfg.sub_chunk)))
+                        dict(BLOCK_D=cfg.block_d, LOCAL=local, HAS_INIT=carry, FAST_LOG=True, SUB=cfg.sub_chunk,
+                             HAS_ADD=False)))
     for local, carry in variants:
         kernels.append(("bwd", tk._bwd_kernel, cfg.block_d_bwd, cfg.block_d_bwd // rows_bwd, cfg.num_warps_bwd,
                         dict(ROWS=rows_bwd, LANES_D=cfg.block_d_bwd // rows_bwd, LOCAL=local, HAS_CARRY=carry,
@@ -188,7 +190,7 @@ def _scan_rows(sass_dir: Path | None, lines: int = 0, config: dict | None = None
             elif arg.endswith("_ptr"):
                 sig[arg] = types.get(arg, "*fp32")
             else:
-                sig[arg] = "i32"
+                sig[arg] = types.get(arg, "i32")
         k = compile_kernel(fn, sig, const, warps or max(1, lanes // 32), divisible=div)
         label = f"selective_scan_{name}_bd{block}"
         if name == "bwd":

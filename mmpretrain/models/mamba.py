@@ -146,10 +146,11 @@ class BiMambaMixer(nn.Module):
         """Names (relative to this module) of the parameters that take no weight decay."""
         return {"A_log", "A_b_log", "D", "D_b"}
 
-    def _scan(self, x: torch.Tensor, z: torch.Tensor, suffix: str) -> torch.Tensor:
+    def _scan(self, x: torch.Tensor, z: torch.Tensor, suffix: str, out_scale: float = 1.0,
+              out_add: torch.Tensor | None = None) -> torch.Tensor:
         """One direction: projections and the gated selective scan of the convolved x; the backward direction
         (``suffix="_b"``) scans from the end. x, z (batch, E, L) -> (batch, E, L) (channels-contiguous on the
-        triton path)."""
+        triton path), times ``out_scale``, plus ``out_add`` (the scan's output epilogue)."""
         reverse = bool(suffix)
         x_proj: nn.Linear = getattr(self, f"x_proj{suffix}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{suffix}")
@@ -168,10 +169,11 @@ class BiMambaMixer(nn.Module):
             # computed on meta tensors, and the chunked scan's loop over chunks took minutes there at long
             # sequences. The stand-in reads the same inputs, so every matrix product's backward remains.
             y = x + delta + B.sum(1, keepdim=True) + C.sum(1, keepdim=True) + A.sum() + D[:, None]
-            return (y + dt_proj.bias[:, None]) * z
+            y = (y + dt_proj.bias[:, None]) * z * out_scale
+            return y + out_add if out_add is not None else y
         return selective_scan(
             x, delta, A, B, C, D=at_least_fp32(D), z=z, delta_bias=at_least_fp32(dt_proj.bias),
-            delta_softplus=True, backend=self.backend, reverse=reverse,
+            delta_softplus=True, backend=self.backend, reverse=reverse, out_scale=out_scale, out_add=out_add,
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -185,9 +187,10 @@ class BiMambaMixer(nn.Module):
         fused = x.device.type != "meta" and resolve_backend(self.backend, x) == "triton"
         x_f, x_b = causal_conv1d_bidirectional(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight,
                                                self.conv1d_b.bias, "silu", backend="triton" if fused else "reference")
-        y = self._scan(x_f, z, "") + self._scan(x_b, z, "_b")
-        # Vim's "if_devide_out": the mean of the two directions
-        return self.out_proj(y.mul_(0.5).transpose(1, 2))
+        # Vim's "if_devide_out": the mean of the two directions, taken in the scans' output epilogue (on the triton
+        # path the kernels scale each direction and the second adds the first's output as it stores its own)
+        y = self._scan(x_b, z, "_b", out_scale=0.5, out_add=self._scan(x_f, z, "", out_scale=0.5))
+        return self.out_proj(y.transpose(1, 2))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "

@@ -382,8 +382,12 @@ def test_triton_backend_custom_ops_opcheck(device, config, groups, splits):
     B4, C4 = (t[k] if groups else t[k].detach().unsqueeze(1).requires_grad_(True) for k in ("B", "C"))
     cfg = TritonConfig(chunk=4, sub_chunk=2, splits=splits).to_ints()
     A_t = t["A"].detach().t().contiguous().requires_grad_(True)  # the ops take A as (N, dim)
-    args = (t["u"], t["delta"], A_t, B4, C4, t["D"], t["z"], t["delta_bias"], flags["delta_softplus"], False, cfg)
-    torch.library.opcheck(selective_scan_fwd, (*args[:9], splits > 1, cfg))  # reverse with the splits
+    args = (t["u"], t["delta"], A_t, B4, C4, t["D"], t["z"], t["delta_bias"], flags["delta_softplus"], False, cfg,
+            None, 1.0)
+    torch.library.opcheck(selective_scan_fwd, (*args[:9], splits > 1, cfg, None, 1.0))  # reverse with the splits
+    # the output's epilogue: scaled, plus a tensor laid out like u
+    add = torch.randn_like(t["u"]).requires_grad_(True)
+    torch.library.opcheck(selective_scan_fwd, (*args[:11], add, 0.5))
     with torch.no_grad():
         out, ckpt, dts = selective_scan_fwd(*args)
     assert tuple(dts.shape) == ((1, splits, 4) if splits > 1 else (0,))  # 3 chunks of 4 steps in 2 splits
@@ -391,8 +395,8 @@ def test_triton_backend_custom_ops_opcheck(device, config, groups, splits):
         dout = torch.randn_like(out)
         dlast = torch.randn_like(ckpt[:, -1])
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:8]]
-    for dl in (None, dlast):
-        torch.library.opcheck(selective_scan_bwd, (dout, dl, *detached, ckpt, dts, *args[8:]))
+    for dl, scale in ((None, 1.0), (dlast, 0.5)):
+        torch.library.opcheck(selective_scan_bwd, (dout, dl, *detached, ckpt, dts, *args[8:11], scale))
 
 
 @needs_triton
@@ -411,6 +415,66 @@ def test_triton_backend_under_torch_compile(device, config, groups):
         compiled = run_with_grads(torch.compile(scan, backend=compile_backend(device), fullgraph=True), t, flags)
         assert_matches(compiled, {k: v.double() for k, v in eager.items()}, 1e-6, f"compiled reverse={reverse}",
                        1e-7)
+
+
+def _with_epilogue(scan, scale):
+    """scan with the output epilogue as separate operations (the reference for out_scale and out_add)."""
+    def fn(out_add, **kw):
+        res = scan(**kw)
+        if isinstance(res, tuple):
+            return res[0] * scale + out_add, res[1]
+        return res * scale + out_add
+    return fn
+
+
+def _epilogue_inputs(device, dtype, reverse, seed):
+    t, flags = make_inputs(2, 6, 13, 4, 2, "full", dtype, device, seed=seed)
+    # out_add laid out like the scan's output on the mixer's path (channels-contiguous)
+    g = torch.Generator().manual_seed(seed + 1)
+    add = torch.randn(2, 13, 6, generator=g, dtype=torch.float64).to(device, dtype).transpose(1, 2)
+    t["out_add"] = add.requires_grad_(True)
+    return t, dict(flags, reverse=reverse)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_output_epilogue_matches_separate_operations(backend, reverse):
+    """out_scale and out_add (the output is out_scale * y + out_add): outputs, the final state and every gradient
+    (out_add's too) equal the scan followed by the two operations, in both directions."""
+    t, flags = _epilogue_inputs("cpu", torch.float64, reverse, seed=21)
+    got = run_with_grads(lambda **kw: selective_scan(**kw, out_scale=0.5, backend=backend), t, flags)
+    ins64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items() if v is not None}
+    expected = run_with_grads(_with_epilogue(lambda **kw: selective_scan(**kw, backend="reference"), 0.5), ins64,
+                              flags)
+    assert_matches(got, expected, RTOL[torch.float64], f"{backend} epilogue", ATOL[torch.float64])
+    with pytest.raises(ValueError, match="out_add"):
+        selective_scan(**{k: v for k, v in t.items() if k != "out_add"}, out_add=t["out_add"][:, :, 1:],
+                       backend=backend)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("reverse,splits", [(False, 1), (True, 2)])
+def test_triton_backend_output_epilogue(device, reverse, splits):
+    """The triton kernels' output epilogue (the forward kernel scales y and adds out_add as it stores the output,
+    the backward kernels scale the output's gradient as they read it; split sequences too): outputs and gradients
+    equal the reference followed by the two operations, eager and under torch.compile."""
+    dtype = triton_dtypes(device)[0]
+    t, flags = _epilogue_inputs(device, dtype, reverse, seed=23)
+    scan = _triton(chunk=4, sub_chunk=2, splits=splits)
+
+    def halved(**kw):
+        return scan(**kw, out_scale=0.5)
+
+    got = run_with_grads(halved, t, flags)
+    ins64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items() if v is not None}
+    expected = run_with_grads(_with_epilogue(lambda **kw: selective_scan(**kw, backend="reference"), 0.5), ins64,
+                              flags)
+    assert_matches(got, expected, RTOL[dtype], f"triton epilogue {device} {dtype}", ATOL[dtype])
+    torch._dynamo.reset()
+    compiled = torch.compile(halved, backend=compile_backend(device), fullgraph=True)
+    assert_matches(run_with_grads(compiled, t, flags), {k: v.double() for k, v in got.items()}, 1e-6,
+                   "compiled epilogue", 1e-7)
 
 
 @pytest.mark.skipif(INTERPRET or not triton_available(), reason="this is the parent of the interpreter run")

@@ -29,17 +29,18 @@ from .triton_kernels import TritonConfig, _backward, _compute_dtype, _empty_in_l
 @torch.library.custom_op("mmpretrain::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                        z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, reverse: bool,
-                       config: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                       config: list[int], out_add: Tensor | None, out_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Forward kernels: A_t is A transposed, (N, dim) contiguous; B, C (batch, groups, N, L); ``config`` from
-    :meth:`TritonConfig.to_ints`."""
+    :meth:`TritonConfig.to_ints`; the output is ``out_scale`` times the scan plus ``out_add``."""
     cfg = TritonConfig.from_ints(tuple(config))
     with on_device(u):
-        out, ckpt, dts = _forward(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, cfg)
+        out, ckpt, dts = _forward(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, cfg, out_add,
+                                  out_scale)
     return out, ckpt, dts if dts is not None else ckpt.new_empty(0)
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config):
+def _(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config, out_add, out_scale):
     batch, dim, L = u.shape
     N = A_t.shape[0]
     ct = _compute_dtype(u)
@@ -52,19 +53,19 @@ def _(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config):
 @torch.library.custom_op("mmpretrain::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor,
                        C: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, ckpt: Tensor,
-                       dts: Tensor, delta_softplus: bool, reverse: bool, config: list[int]
+                       dts: Tensor, delta_softplus: bool, reverse: bool, config: list[int], out_scale: float
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward kernels: ``(du, ddelta, dA_t, dB, dC, dD, dz, d_delta_bias)``, an empty tensor for each absent
     argument's gradient. ``dlast``: the gradient of the final state as (batch, N, dim), or None."""
     cfg = TritonConfig.from_ints(tuple(config))
     with on_device(u):
         grads = _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts if dts.numel() else None,
-                          delta_softplus, reverse, cfg)
+                          delta_softplus, reverse, cfg, out_scale)
     return tuple(g if g is not None else u.new_empty(0) for g in grads)
 
 
 @selective_scan_bwd.register_fake
-def _(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, delta_softplus, reverse, config):
+def _(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, delta_softplus, reverse, config, out_scale):
     batch, dim, L = u.shape
     N, groups = A_t.shape[0], B.shape[1]
     absent = u.new_empty(0)
@@ -81,33 +82,36 @@ def _(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, delta_softp
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config = inputs
+    u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config, out_add, out_scale = inputs
     _, ckpt, dts = output
     ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts)
-    ctx.flags = (delta_softplus, reverse, config)
+    ctx.flags = (delta_softplus, reverse, config, out_scale, out_add is not None)
     ctx.set_materialize_grads(False)
 
 
 def _backward_rule(ctx, dout, dckpt, _ddts):
     u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts = ctx.saved_tensors
-    softplus, reverse, config = ctx.flags
+    softplus, reverse, config, out_scale, has_add = ctx.flags
+    dadd = dout if has_add else None  # out_add's gradient is the output's
     if dout is None:
         dout = torch.zeros_like(u)
     dlast = dckpt[:, -1].contiguous() if dckpt is not None else None  # only the final state is read outside
     du, ddelta, dA_t, dB, dC, dD, dz, dbias = selective_scan_bwd(dout, dlast, u, delta, A_t, B, C, D, z,
-                                                                 delta_bias, ckpt, dts, softplus, reverse, config)
+                                                                 delta_bias, ckpt, dts, softplus, reverse, config,
+                                                                 out_scale)
     present = lambda g, t: g if t is not None else None  # noqa: E731
-    return (du, ddelta, dA_t, dB, dC, present(dD, D), present(dz, z), present(dbias, delta_bias), None, None, None)
+    return (du, ddelta, dA_t, dB, dC, present(dD, D), present(dz, z), present(dbias, delta_bias), None, None, None,
+            dadd, None)
 
 
 selective_scan_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool,
-                            cfg: TritonConfig, with_last: bool):
+                            cfg: TritonConfig, with_last: bool, out_add=None, out_scale: float = 1.0):
     """``(out, last_state or None)`` through the custom ops (the arguments as :class:`SelectiveScanTriton` takes
     them)."""
     # A transposed in the traced graph: autograd keeps it for the backward op and transposes dA_t back
     out, ckpt, _ = selective_scan_fwd(u, delta, A.t().contiguous(), B, C, D, z, delta_bias, bool(delta_softplus),
-                                      bool(reverse), cfg.to_ints())
+                                      bool(reverse), cfg.to_ints(), out_add, float(out_scale))
     return out, (ckpt[:, -1].transpose(1, 2).contiguous() if with_last else None)

@@ -119,6 +119,8 @@ def selective_scan(
     return_last_state: bool = False,
     backend: str = "auto",
     reverse: bool = False,
+    out_scale: float = 1.0,
+    out_add: torch.Tensor | None = None,
 ):
     """Selective scan (Mamba's S6 recurrence) with mamba_ssm's semantics.
 
@@ -138,12 +140,18 @@ def selective_scan(
             equals flipping u, delta, z, B and C along L, scanning, and flipping the output back. The triton
             backend does it without copies (how a bidirectional model's backward direction avoids its flips);
             the others flip.
+        out_scale, out_add: the output is ``out_scale * y + out_add`` (an extension too; ``out_add`` has u's
+            shape): how a bidirectional mixer averages its two directions, the second scan adding to the first's
+            output. The triton backend applies both as it stores the output (and scales the output's gradient as
+            it reads it), with no separate kernel; the others compute them after the scan.
 
     Returns:
         ``out`` (batch, dim, L) in u's dtype, or ``(out, last_state)``. All backends are differentiable
         with respect to every tensor argument.
     """
     check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if out_add is not None and tuple(out_add.shape) != tuple(u.shape):
+        raise ValueError(f"selective_scan: out_add must have u's shape {tuple(u.shape)}, got {tuple(out_add.shape)}")
     which = resolve_backend(backend, u)
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                   return_last_state=return_last_state)
@@ -152,7 +160,23 @@ def selective_scan(
             raise RuntimeError("selective_scan backend 'triton' needs the triton package; use backend='torch'")
         from .triton_kernels import selective_scan_triton
 
-        return selective_scan_triton(u, delta, A, B, C, reverse=reverse, **kwargs)
+        return selective_scan_triton(u, delta, A, B, C, reverse=reverse, out_scale=out_scale, out_add=out_add,
+                                     **kwargs)
+    res = _unfused(which, u, delta, A, B, C, reverse, kwargs)
+    if out_scale == 1.0 and out_add is None:
+        return res
+    out = res[0] if return_last_state else res
+    if out_scale != 1.0:
+        out = out * out_scale
+    if out_add is not None:
+        out = out + out_add
+    return (out, res[1]) if return_last_state else out
+
+
+def _unfused(which: str, u, delta, A, B, C, reverse: bool, kwargs: dict):
+    """The scan on a backend other than triton (``kwargs``: :func:`selective_scan`'s keyword arguments)."""
+    return_last_state = kwargs["return_last_state"]
+    z = kwargs["z"]
     if reverse:
         flip = lambda t: t.flip(-1) if t is not None else None  # noqa: E731
         u, delta, B, C, kwargs["z"] = flip(u), flip(delta), flip(B), flip(C), flip(z)

@@ -168,18 +168,20 @@ def _dt_of(raw, m_td, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST
 @triton.jit
 def _fwd_kernel(
     u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr, init_ptr, local_ptr, dts_ptr,
-    dim, L, N, channels_per_group, n_chunks, chunks_per_split, n_splits,
-    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    add_ptr, dim, L, N, channels_per_group, n_chunks, chunks_per_split, n_splits, out_scale,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, so_b, so_d, so_l, sa_b, sa_d, sa_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, LOCAL: tl.constexpr, HAS_INIT: tl.constexpr, FAST_LOG: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, CT: tl.constexpr,
+    HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+    CT: tl.constexpr,
 ):
     """One program: batch row x block of channels x split of the sequence (a run of whole chunks).
 
     LOCAL: scan the split from a zero state and store only its end state and its summed dt (the split's
     decay is exp(A * sum dt)); the host combines splits. Otherwise scan from the split's true initial state
-    (``init``, or zero), store the output and the state at every chunk end into ``ckpt``."""
+    (``init``, or zero), store the output and the state at every chunk end into ``ckpt``. The output stored is
+    ``out_scale * y``, plus ``add`` (strides ``sa_*``) with HAS_ADD."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -201,6 +203,7 @@ def _fwd_kernel(
     dt_row = pid_b * sdt_b + offs_d * sdt_d
     z_row = pid_b * sz_b + offs_d * sz_d
     o_row = pid_b * so_b + offs_d * so_d
+    a_row = pid_b * sa_b + offs_d * sa_d
     B_row = pid_b * sB_b + group * sB_g + offs_n * sB_n  # (BN,)
     C_row = pid_b * sC_b + group * sC_g + offs_n * sC_n
     state_nd = offs_n[:, None] * dim + offs_d[None, :]  # within a (N, dim) state
@@ -222,13 +225,16 @@ def _fwd_kernel(
     B_n = tl.load(B_ptr + B_row[None, :] + tm[:, None] * sB_l, mask=m_tn, other=0.0).to(CT)
     C_n = tl.zeros((SUB, BLOCK_N), dtype=CT)
     z_n = tl.zeros((SUB, BLOCK_D), dtype=CT)
+    add_n = tl.zeros((SUB, BLOCK_D), dtype=CT)
     if not LOCAL:
         C_n = tl.load(C_ptr + C_row[None, :] + tm[:, None] * sC_l, mask=m_tn, other=0.0).to(CT)
         if HAS_Z:
             z_n = tl.load(z_ptr + z_row[None, :] + tm[:, None] * sz_l, mask=m_td, other=0.0).to(CT)
+        if HAS_ADD:
+            add_n = tl.load(add_ptr + a_row[None, :] + tm[:, None] * sa_l, mask=m_td, other=0.0).to(CT)
     for i in range(tl.cdiv(t_end - t_begin, SUB)):
         t0 = t_begin + i * SUB
-        u, dt_in, Bt, Ct, zt = u_n, dt_n, B_n, C_n, z_n
+        u, dt_in, Bt, Ct, zt, add_t = u_n, dt_n, B_n, C_n, z_n, add_n
         tm, m_td, m_tn = _tile_steps(t0, offs_s, t_end, mask_d, mask_n, REVERSE, L)
         tn, n_td, n_tn = _tile_steps(t0 + SUB, offs_s, t_end, mask_d, mask_n, REVERSE, L)
         u_n = tl.load(u_ptr + u_row[None, :] + tn[:, None] * su_l, mask=n_td, other=0.0).to(CT)
@@ -238,6 +244,8 @@ def _fwd_kernel(
             C_n = tl.load(C_ptr + C_row[None, :] + tn[:, None] * sC_l, mask=n_tn, other=0.0).to(CT)
             if HAS_Z:
                 z_n = tl.load(z_ptr + z_row[None, :] + tn[:, None] * sz_l, mask=n_td, other=0.0).to(CT)
+            if HAS_ADD:
+                add_n = tl.load(add_ptr + a_row[None, :] + tn[:, None] * sa_l, mask=n_td, other=0.0).to(CT)
         dt_raw, dt = _dt_of(dt_in, m_td, bias[None, :], HAS_BIAS, SOFTPLUS, FAST_LOG)
         a = tl.exp2((dt * LOG2E)[:, None, :] * A[None, :, :])  # (SUB, BN, BD)
         bx = (dt * u)[:, None, :] * Bt[:, :, None]
@@ -251,6 +259,9 @@ def _fwd_kernel(
                 y = y + Dv[None, :] * u
             if HAS_Z:
                 y = y * zt * _sigmoid(zt)
+            y = y * out_scale
+            if HAS_ADD:
+                y += add_t
             tl.store(out_ptr + o_row[None, :] + tm[:, None] * so_l, y.to(out_ptr.dtype.element_ty), mask=m_td)
         if not LOCAL:
             x = tl.sum(_step_of(xs, offs_s[:, None, None], SUB - 1), axis=0)
@@ -352,7 +363,7 @@ def _add_channel_sums(ptr, part, row, s0, offs_n, mask_n, REVERSE: tl.constexpr,
 def _bwd_kernel(
     u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, ckpt_ptr, carry_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    dim, L, N, channels_per_group, n_groups, n_chunks, chunks_per_split, n_splits, n_blocks,
+    dim, L, N, channels_per_group, n_groups, n_chunks, chunks_per_split, n_splits, n_blocks, out_scale,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l, so_b, so_d, so_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -370,7 +381,8 @@ def _bwd_kernel(
 
     LOCAL: only the adjoint, from a zero carry, storing the carry the split passes on to the one before it
     (a_first g_first) in ``carry_ptr``'s place for this split -- the host combines splits. Otherwise the full
-    backward from the split's carry (``carry``: (batch, n_splits, N, dim), or zero). ``sg_*``: dout's strides;
+    backward from the split's carry (``carry``: (batch, n_splits, N, dim), or zero). ``out_scale``: the forward's
+    (dout is scaled by it as it is read). ``sg_*``: dout's strides;
     ``so_*``: the strides of du, ddelta and dz; dB, dC are float32 (batch, groups, N, L)."""
     BLOCK_D: tl.constexpr = ROWS * LANES_D
     pid_b = tl.program_id(0).to(tl.int64)
@@ -463,7 +475,7 @@ def _bwd_kernel(
             x_n = tl.load(scratch + (n_sub - 1) * (BLOCK_N * BLOCK_D))
         for jj in range(n_sub):
             j = n_sub - 1 - jj
-            dt_in, Ct, dy, zt, u, Bt, x_in = dt_n, C_n, dy_n, z_n, u_n, B_n, x_n
+            dt_in, Ct, dy, zt, u, Bt, x_in = dt_n, C_n, dy_n * out_scale, z_n, u_n, B_n, x_n
             tm, m_td, m_tn = _rows_tile(t0 + j * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
             jn = tl.maximum(j - 1, 0)
             tn, n_td, n_tn = _rows_tile(t0 + jn * SUB, offs_s, L, mask_d, mask_n, REVERSE, L)
@@ -696,11 +708,13 @@ def _compute_dtype(u: torch.Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
-def _forward(u, delta, A_t, B, C, D, z, delta_bias, softplus: bool, reverse: bool, cfg: TritonConfig):
+def _forward(u, delta, A_t, B, C, D, z, delta_bias, softplus: bool, reverse: bool, cfg: TritonConfig,
+             out_add: torch.Tensor | None = None, out_scale: float = 1.0):
     """The forward kernels: ``(out, ckpt, dts)``; ``ckpt`` (batch, n_chunks, N, dim) holds the state after every
     chunk (the last entry is the final state), ``dts`` (batch, n_splits, dim) each split's summed dt, or None
     when the sequence is not split. ``A_t`` is A transposed, (N, dim) contiguous (the states' layout: contiguous
-    along the lane axis); B, C are (batch, groups, N, L)."""
+    along the lane axis); B, C are (batch, groups, N, L). ``out`` is ``out_scale`` times the scan, plus
+    ``out_add`` (u's shape) when given."""
     batch, dim, L = u.shape
     N = A_t.shape[0]
     ct = _compute_dtype(u)
@@ -716,8 +730,10 @@ def _forward(u, delta, A_t, B, C, D, z, delta_bias, softplus: bool, reverse: boo
                             cfg.sub_chunk), BLOCK_D=bd)
         args = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
                 u if delta_bias is None else delta_bias, out, ckpt]
-        sizes = [dim, L, N, dim // B.shape[1], n_chunks, per_split, n_splits,
-                 *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(), *B.stride(), *C.stride()]
+        sizes = [out if out_add is None else out_add, dim, L, N, dim // B.shape[1], n_chunks, per_split, n_splits,
+                 float(out_scale), *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(),
+                 *_strides(out_add, 3), *B.stride(), *C.stride()]
+        flags["HAS_ADD"] = out_add is not None
         init = None
         if n_splits > 1:  # each split from zero, then the true state entering each split
             local = torch.empty(batch, n_splits, N, dim, device=u.device, dtype=ct)
@@ -731,10 +747,10 @@ def _forward(u, delta, A_t, B, C, D, z, delta_bias, softplus: bool, reverse: boo
 
 
 def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus: bool, reverse: bool,
-              cfg: TritonConfig):
+              cfg: TritonConfig, out_scale: float = 1.0):
     """The backward kernels: ``(du, ddelta, dA_t, dB, dC, dD, dz, d_delta_bias)``, None for absent arguments
     (``dA_t`` (N, dim), like ``A_t``). ``dlast``: the gradient of the final state as (batch, N, dim), or None;
-    ``ckpt``, ``dts``: from :func:`_forward`."""
+    ``ckpt``, ``dts``: from :func:`_forward`; ``out_scale``: the forward's (``dout`` is the output's gradient)."""
     batch, dim, L = u.shape
     N = A_t.shape[0]
     groups = B.shape[1]
@@ -768,7 +784,7 @@ def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, sof
         scratch = torch.empty(batch * n_blocks * n_splits * (cfg.chunk // sub) * bd * bn, device=dev, dtype=ct)
         grads = [du, ddelta, du if dz is None else dz, dB, dC, dA_t, dA_t if dD is None else dD,
                  dA_t if dbias is None else dbias]
-        sizes = [dim, L, N, dim // groups, groups, n_chunks, per_split, n_splits, n_blocks,
+        sizes = [dim, L, N, dim // groups, groups, n_chunks, per_split, n_splits, n_blocks, float(out_scale),
                  *u.stride(), *delta.stride(), *_strides(z, 3), *dout.stride(), *du.stride(),
                  *B.stride(), *C.stride()]
         head = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
@@ -794,11 +810,13 @@ class SelectiveScanTriton(torch.autograd.Function):
     same kernels run as the custom ops of :mod:`.custom_ops`); use :func:`selective_scan_triton`."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, cfg, with_last):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, cfg, with_last, out_add,
+                out_scale):
         A_t = A.t().contiguous()
-        out, ckpt, dts = _forward(u, delta, A_t, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), cfg)
+        out, ckpt, dts = _forward(u, delta, A_t, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), cfg,
+                                  out_add, out_scale)
         ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts)
-        ctx.config = (bool(delta_softplus), bool(reverse), cfg)
+        ctx.config = (bool(delta_softplus), bool(reverse), cfg, float(out_scale))
         ctx.set_materialize_grads(False)
         # the final state, (batch, dim, N), only when asked for (a copy per call otherwise thrown away)
         return out, (ckpt[:, -1].transpose(1, 2).contiguous() if with_last else None)
@@ -806,12 +824,13 @@ class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts = ctx.saved_tensors
-        softplus, reverse, cfg = ctx.config
+        softplus, reverse, cfg, out_scale = ctx.config
         if dlast is not None:
             dlast = dlast.transpose(1, 2).contiguous()  # (batch, N, dim), like the checkpoints
         du, ddelta, dA_t, *rest = _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus,
-                                            reverse, cfg)
-        return (du, ddelta, dA_t.t(), *rest, None, None, None, None)
+                                            reverse, cfg, out_scale)
+        # out_add's gradient is the output's
+        return (du, ddelta, dA_t.t(), *rest, None, None, None, None, dout if ctx.needs_input_grad[12] else None, None)
 
 
 def selective_scan_triton(
@@ -827,8 +846,11 @@ def selective_scan_triton(
     return_last_state: bool = False,
     reverse: bool = False,
     config: TritonConfig | None = None,
+    out_scale: float = 1.0,
+    out_add: torch.Tensor | None = None,
 ):
-    """Fused Triton selective scan; same signature and results as ``selective_scan_reference``.
+    """Fused Triton selective scan; same signature and results as ``selective_scan_reference``, and the output's
+    epilogue of :func:`~mmpretrain.ops.selective_scan.selective_scan` (``out_scale``, ``out_add``) in the kernel.
 
     Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before triton was imported. u, delta, z,
     B and C are read through their strides, copied never: a (batch, L, dim) tensor transposed to (batch, dim, L)
@@ -853,7 +875,7 @@ def selective_scan_triton(
         C4 = C4.repeat_interleave(groups // C4.shape[1], dim=1)
     params = [t.contiguous() if t is not None else None for t in (A, D, delta_bias)]
     args = (u, delta, params[0], B4, C4, params[1], z, params[2], bool(delta_softplus), bool(reverse), cfg,
-            bool(return_last_state))
+            bool(return_last_state), out_add, float(out_scale))
     if torch.compiler.is_compiling():  # traced by torch.compile: the custom ops (they set the device themselves)
         from .custom_ops import selective_scan_compiled
 
