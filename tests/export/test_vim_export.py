@@ -25,6 +25,9 @@ TINY = {
     "mamba": {"img_size": 32, "patch_size": 8, "stride": 6, "embed_dim": 32, "depth": 2, "d_state": 4},
     "lru": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "mixer": "lru",
             "mixer_kwargs": {"d_state": 12, "expand": 2}},
+    # non-overlapping patches (one matrix product in both models) over a size the patch does not divide: the last
+    # 4 rows and columns fall outside every patch, as with a strided convolution
+    "mamba_crop": {"img_size": 36, "patch_size": 8, "embed_dim": 32, "depth": 2, "d_state": 4},
 }
 
 # runs in `python -I` from a directory outside the repository, with an import hook that refuses mmpretrain
@@ -66,7 +69,8 @@ def trained_checkpoint(tmp_path, backbone_kwargs, **task_kwargs) -> str:
     task = ImageClassification(backbone="vim_tiny", backbone_kwargs=backbone_kwargs, num_classes=3,
                                class_names=CLASSES, **task_kwargs)
     g = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.randn(4, 3, 32, 32, generator=g), "label": torch.tensor([0, 1, 2, 1])}] * 2
+    size = backbone_kwargs["img_size"]
+    batches = [{"image": torch.randn(4, 3, size, size, generator=g), "label": torch.tensor([0, 1, 2, 1])}] * 2
     trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
     trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
@@ -75,22 +79,23 @@ def trained_checkpoint(tmp_path, backbone_kwargs, **task_kwargs) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "lru"])
+@pytest.mark.parametrize("mixer", list(TINY))
 def test_export_loads_without_mmpretrain_and_gives_our_logits(tmp_path, mixer):
     ckpt = trained_checkpoint(tmp_path, TINY[mixer])
+    size = TINY[mixer]["img_size"]
     out = tmp_path / "hf"
     assert main(["--checkpoint", ckpt, "--output", str(out)]) == 0  # the `mmpretrain export` command
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "preprocessor_config.json",
                                                 "configuration_mmpretrain_vim.py", "modeling_mmpretrain_vim.py"}
     assert not list(out.glob("*.bin"))
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "mmpretrain_vim" and config["mixer"] == mixer
+    assert config["model_type"] == "mmpretrain_vim" and config["mixer"] == TINY[mixer].get("mixer", "mamba")
     assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_mmpretrain_vim.VimForImageClassification"
     for name in ("configuration_mmpretrain_vim.py", "modeling_mmpretrain_vim.py"):
         assert not re.search(r"^\s*(from|import)\s+mmpretrain", (out / name).read_text(), re.MULTILINE)
 
     ours = load_task(read_checkpoint(ckpt)).model.eval()
-    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1))
     torch.save(x, tmp_path / "x.pt")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -103,7 +108,7 @@ def test_export_loads_without_mmpretrain_and_gives_our_logits(tmp_path, mixer):
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["class"] == "VimForImageClassification" and not info["mmpretrain_loaded"]
     assert info["id2label"] == {str(i): n for i, n in enumerate(CLASSES)}
-    assert info["processor"] == "ConvNextImageProcessor" and info["shortest_edge"] == 32
+    assert info["processor"] == "ConvNextImageProcessor" and info["shortest_edge"] == size
 
     with torch.no_grad():
         expected = ours(x)
