@@ -147,13 +147,19 @@ def _dpre_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, w_ptrs, 
     """dpre_t = dout_t silu'(pre_t) for a (BLOCK_L, BLOCK_D) tile of memory positions t (zero outside [0, L)),
     with its mask and :func:`_pre_activation`'s shifted inputs, loaded once for pre and for dw."""
     m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
-    dpre = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=m_t, other=0.0).to(CT)
+    g = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=m_t, other=0.0).to(CT)
     pre, x0, x1, x2, x3 = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L,
                                           BLOCK_D)
+    return _dpre(g, pre, m_t, SILU, CT), m_t, x0, x1, x2, x3
+
+
+@triton.jit
+def _dpre(g, pre, m_t, SILU: tl.constexpr, CT: tl.constexpr):
+    """dout silu'(pre) (dout itself without the activation), zero outside the tile's mask."""
     if SILU:
         sig = _sigmoid(pre, CT)
-        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-    return tl.where(m_t, dpre, 0.0), m_t, x0, x1, x2, x3
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return tl.where(m_t, g, 0.0)
 
 
 @triton.jit
@@ -180,11 +186,7 @@ def _dpre_of(g, x0, x1, x2, x3, t, mask_d, L, w_ptrs, bias, K: tl.constexpr, SIL
     pre = tl.zeros_like(g) + bias[None, :]
     for j in tl.static_range(K):
         pre += _slot(j, x0, x1, x2, x3) * tl.load(w_ptrs + j).to(CT)[None, :]
-    dpre = g
-    if SILU:
-        sig = _sigmoid(pre, CT)
-        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-    return tl.where(m_t, dpre, 0.0), m_t
+    return _dpre(g, pre, m_t, SILU, CT), m_t
 
 
 @triton.jit

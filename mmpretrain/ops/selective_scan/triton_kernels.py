@@ -167,8 +167,8 @@ def _dt_of(raw, m_td, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST
 
 @triton.jit
 def _fwd_kernel(
-    u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr, init_ptr, local_ptr, dts_ptr,
-    add_ptr, dim, L, N, channels_per_group, n_chunks, chunks_per_split, n_splits, out_scale,
+    u_ptr, delta_ptr, At_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, add_ptr, ckpt_ptr, init_ptr, local_ptr,
+    dts_ptr, dim, L, N, channels_per_group, n_chunks, chunks_per_split, n_splits, out_scale,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, so_b, so_d, so_l, sa_b, sa_d, sa_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -729,10 +729,9 @@ def _forward(u, delta, A_t, B, C, D, z, delta_bias, softplus: bool, reverse: boo
         flags = dict(_flags(cfg, bd, bn, u.dtype, D, z, delta_bias, softplus, reverse, cfg.num_warps,
                             cfg.sub_chunk), BLOCK_D=bd)
         args = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
-                u if delta_bias is None else delta_bias, out, ckpt]
-        sizes = [out if out_add is None else out_add, dim, L, N, dim // B.shape[1], n_chunks, per_split, n_splits,
-                 float(out_scale), *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(),
-                 *_strides(out_add, 3), *B.stride(), *C.stride()]
+                u if delta_bias is None else delta_bias, out, out if out_add is None else out_add, ckpt]
+        sizes = [dim, L, N, dim // B.shape[1], n_chunks, per_split, n_splits, float(out_scale), *u.stride(),
+                 *delta.stride(), *_strides(z, 3), *out.stride(), *_strides(out_add, 3), *B.stride(), *C.stride()]
         flags["HAS_ADD"] = out_add is not None
         init = None
         if n_splits > 1:  # each split from zero, then the true state entering each split
