@@ -58,8 +58,10 @@ def triton_device():
                     reason="no GPU: run under TRITON_INTERPRET=1 by test_triton_conv_in_interpreter")
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-# 300 steps: two programs along the sequence in the first backward pass (256 steps each); K 5: its wide-kernel path
-@pytest.mark.parametrize("L,K,bias", [(1, 4, True), (37, 4, True), (20, 3, False), (300, 4, True), (11, 5, True)])
+# 300 steps: several programs along the sequence in the backward (runs of 256 steps, 128 on a GPU at this small
+# batch); K 5 and 7: wider than Mamba's 4 (7: the backward's tiles grow to 8 steps, as shifts reach one tile back)
+@pytest.mark.parametrize("L,K,bias", [(1, 4, True), (37, 4, True), (20, 3, False), (300, 4, True), (11, 5, True),
+                                      (23, 7, False)])
 def test_triton_conv_matches_reference(reverse, layout, L, K, bias):
     device = triton_device()
     dtypes = [torch.float64] if device == "cpu" else [torch.float32, torch.bfloat16]

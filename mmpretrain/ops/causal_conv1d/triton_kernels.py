@@ -7,9 +7,9 @@ and dx are written channels-contiguous.
 Forward, one program per (batch row, block of steps, block of channels): pre_t = bias + sum_j w_j
 x_{t + S (j - (K-1))} (S = 1 causal, S = -1 for ``reverse``), out = silu(pre).
 Backward, one program per (batch row, run of steps, block of channels), see :func:`_conv_bwd_kernel`: it
-recomputes pre once per step, writes dpre = dout silu'(pre) (float32) to a scratch buffer and reads it back
-at the K shifts for dx_s = sum_j w_j dpre_{s + S ((K-1) - j)} one tile later, and sums dw_j and dbias over its
-run, adding them atomically into zeroed outputs.
+recomputes pre once per step, dpre = dout silu'(pre), dx_s = sum_j w_j dpre_{s + S ((K-1) - j)} one tile later
+and dw_j and dbias over its run (added atomically into zeroed outputs), all in registers: each thread holds a
+tile's steps for two channels, so the K shifted inputs and dpres are register moves.
 
 Both directions of one x (a bidirectional Mamba block's two convolutions, :func:`causal_conv1d_bidirectional_triton`):
 one forward kernel computes both outputs from the same loads; the backward runs the kernel once per direction, the
@@ -18,16 +18,21 @@ second adding its dx to the first's (``ACCUMULATE``), so no separate kernel adds
 Earlier backwards (Vim-Ti's training shapes, batch 256, L 197, dim 384): one program per (batch row, block of
 channels) walking all the steps (0.48 ms a call on an H200: 23 ms of a 150 ms step); one pass that recomputed
 pre at the K positions each dx_s needs, K times the exp, division and loads (0.223 ms on an H100); two kernels,
-dpre then dx (0.120 + 0.052 ms on an H100; 0.083 + 0.050 ms on an H200 once dpre walked runs of tiles).
+dpre then dx (0.120 + 0.052 ms on an H100; 0.083 + 0.050 ms on an H200 once dpre walked runs of tiles); one
+pass writing dpre (float32) to a scratch buffer and reading it back at the K shifts a tile later (0.096 ms
+one direction, 0.222 ms both, on an H200).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .._runtime import on_device
+from .._runtime import interpreter_active, on_device
+from .._tiles import step_of
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -46,18 +51,14 @@ def _sigmoid(x, CT: tl.constexpr):
 @triton.jit
 def _pre_activation(x_ptr, x_row, t, mask_d, L, s_l, w_ptrs, bias, K: tl.constexpr, SIGN: tl.constexpr,
                     CT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """bias + sum_j w_j x_{t + SIGN (j - (K-1))} for a (BLOCK_L, BLOCK_D) tile of steps t, and the first four
-    shifted inputs x_{t + SIGN (j - (K-1))} (zeros past K), which the backward reuses for dw."""
-    zero = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
-    acc = zero + bias[None, :]
-    x0, x1, x2, x3 = zero, zero, zero, zero
+    """bias + sum_j w_j x_{t + SIGN (j - (K-1))} for a (BLOCK_L, BLOCK_D) tile of steps t."""
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT) + bias[None, :]
     for j in tl.static_range(K):
         ts = t + SIGN * (j - (K - 1))
         m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
         xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * s_l, mask=m, other=0.0).to(CT)
         acc += xv * tl.load(w_ptrs + j).to(CT)[None, :]
-        x0, x1, x2, x3 = _with_slot(j, xv, x0, x1, x2, x3)
-    return acc, x0, x1, x2, x3
+    return acc
 
 
 @triton.jit
@@ -78,7 +79,7 @@ def _conv_out_tile(x_ptr, x_row, t, offs_d, mask_d, L, sx_l, w_ptr, b_ptr, out_p
                    BLOCK_D: tl.constexpr):
     """One direction's output for a (BLOCK_L, BLOCK_D) tile: act(bias + sum_j w_j x_{t + S (j - (K-1))}), stored."""
     bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
-    pre, _, _, _, _ = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
+    pre = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L, BLOCK_D)
     if SILU:
         pre = pre * _sigmoid(pre, CT)
     tl.store(out_ptr + o_ptrs, pre.to(out_ptr.dtype.element_ty), mask=m)
@@ -105,52 +106,11 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, w2_ptr, b2_ptr, out2_ptr, dim
 
 
 @triton.jit
-def _slot(j: tl.constexpr, a0, a1, a2, a3):
-    """The j-th of four values (j known at compile time)."""
-    if j == 0:
-        v = a0
-    elif j == 1:
-        v = a1
-    elif j == 2:
-        v = a2
-    else:
-        v = a3
-    return v
-
-
-@triton.jit
-def _with_slot(j: tl.constexpr, v, a0, a1, a2, a3):
-    """The four values with the j-th replaced by v (j known at compile time; j >= 4 changes nothing)."""
-    if j == 0:
-        a0 = v
-    elif j == 1:
-        a1 = v
-    elif j == 2:
-        a2 = v
-    elif j == 3:
-        a3 = v
-    return a0, a1, a2, a3
-
-
-@triton.jit
 def _memory_position(p, L, SIGN: tl.constexpr):
     """Scan position p's memory position: p, or L - 1 - p for the reversed convolution (S = -1)."""
     if SIGN == 1:
         return p
     return L - 1 - p
-
-
-@triton.jit
-def _dpre_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, w_ptrs, bias, K: tl.constexpr,
-               SIGN: tl.constexpr, SILU: tl.constexpr, CT: tl.constexpr, BLOCK_L: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """dpre_t = dout_t silu'(pre_t) for a (BLOCK_L, BLOCK_D) tile of memory positions t (zero outside [0, L)),
-    with its mask and :func:`_pre_activation`'s shifted inputs, loaded once for pre and for dw."""
-    m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
-    g = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=m_t, other=0.0).to(CT)
-    pre, x0, x1, x2, x3 = _pre_activation(x_ptr, x_row, t, mask_d, L, sx_l, w_ptrs, bias, K, SIGN, CT, BLOCK_L,
-                                          BLOCK_D)
-    return _dpre(g, pre, m_t, SILU, CT), m_t, x0, x1, x2, x3
 
 
 @triton.jit
@@ -163,130 +123,131 @@ def _dpre(g, pre, m_t, SILU: tl.constexpr, CT: tl.constexpr):
 
 
 @triton.jit
-def _raw_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, K: tl.constexpr, SIGN: tl.constexpr):
-    """For K <= 4: a tile's dout and its K shifted inputs x_{t + SIGN (j - (K-1))} (zeros past K) as stored, not
-    converted, so that they can be loaded a tile before they are used (:func:`_dpre_of` takes them)."""
-    m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
-    g = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=m_t, other=0.0)
-    x0 = tl.zeros_like(g)
-    x1, x2, x3 = x0, x0, x0
-    for j in tl.static_range(K):
-        ts = t + SIGN * (j - (K - 1))
-        m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
-        x0, x1, x2, x3 = _with_slot(j, tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0),
-                                    x0, x1, x2, x3)
-    return g, x0, x1, x2, x3
+def _shifted(lo, hi, steps, k: tl.constexpr, BLOCK_L: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The tile whose step s is step s + k of ``lo`` followed by ``hi`` (0 <= k <= BLOCK_L). On a GPU the steps
+    live in each thread's registers, so this is register moves the compiler folds away (:func:`step_of`). Triton's
+    interpreter runs each of those selects as an array operation; there (INTERPRETED) one gather does the same."""
+    if INTERPRETED:
+        both = tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 1)), (2 * BLOCK_L, lo.shape[1]))
+        out = tl.gather(both, (steps + k) + tl.zeros(lo.shape, dtype=tl.int32), 0)
+    else:
+        out = lo
+        for s in tl.static_range(BLOCK_L):
+            if s + k < BLOCK_L:
+                v = step_of(lo, steps, s + k)
+            else:
+                v = step_of(hi, steps, s + k - BLOCK_L)
+            out = tl.where(steps == s, v, out)
+    return out
 
 
 @triton.jit
-def _dpre_of(g, x0, x1, x2, x3, t, mask_d, L, w_ptrs, bias, K: tl.constexpr, SILU: tl.constexpr,
-             CT: tl.constexpr):
-    """:func:`_dpre_tile` from a :func:`_raw_tile` already loaded (converted to the compute dtype): (dpre, mask)."""
-    m_t = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
-    pre = tl.zeros_like(g) + bias[None, :]
-    for j in tl.static_range(K):
-        pre += _slot(j, x0, x1, x2, x3) * tl.load(w_ptrs + j).to(CT)[None, :]
-    return _dpre(g, pre, m_t, SILU, CT), m_t
+def _tile_load(ptr, row, p, mask_d, L, s_l, SIGN: tl.constexpr):
+    """The (BLOCK_L, BLOCK_D) tile at scan positions p (memory positions p, or L - 1 - p when S = -1), as stored;
+    zeros outside [0, L)."""
+    m = ((p >= 0) & (p < L))[:, None] & mask_d[None, :]
+    return tl.load(ptr + row[None, :] + _memory_position(p, L, SIGN)[:, None] * s_l, mask=m, other=0.0)
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dpre_ptr, dx_ptr, dw_ptr, db_ptr, dim, L, tiles,
+def _dpre_in_registers(x_prev, x_cur, g, p, mask_d, L, w_ptrs, bias, steps, K: tl.constexpr, SILU: tl.constexpr,
+                       CT: tl.constexpr, BLOCK_L: tl.constexpr, INTERPRETED: tl.constexpr):
+    """dpre = dout silu'(pre) for the tile at scan positions p, pre_s = bias + sum_j w_j x_{s - (K-1) + j}, the
+    shifted inputs taken from this tile's and the previous tile's x in registers; zero outside [0, L)."""
+    pre = tl.zeros_like(x_cur) + bias[None, :]
+    for j in tl.static_range(K):
+        w_j = tl.load(w_ptrs + j).to(CT)[None, :]
+        pre += _shifted(x_prev, x_cur, steps, BLOCK_L - (K - 1) + j, BLOCK_L, INTERPRETED) * w_j
+    m_t = ((p >= 0) & (p < L))[:, None] & mask_d[None, :]
+    return _dpre(g, pre, m_t, SILU, CT)
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, dim, L, tiles,
                      sx_b, sx_d, sx_l, sg_b, sg_d, sg_l, so_b, so_d, so_l,
                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr,
                      ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_K: tl.constexpr, CT: tl.constexpr):
+                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, INTERPRETED: tl.constexpr, CT: tl.constexpr):
     """Backward. One program per (batch row, run of ``tiles`` blocks of BLOCK_L steps, block of channels), its
-    tiles taken in scan order (memory position t = p, or L - 1 - p when S = -1, at scan position p):
+    tiles taken in scan order (memory position t = p, or L - 1 - p when S = -1, at scan position p), everything in
+    registers:
 
-    - dpre_p = dout_p silu'(pre_p) into the scratch ``dpre`` ((batch, L, dim), compute dtype);
-    - dx_p = sum_i w_{K-1-i} dpre_{p+i}, one tile behind: each iteration computes the next tile's dpre (past the
-      run's end too, for the K - 1 steps of the next run that dx needs; that run's program writes the same
-      values there), then, after a barrier, reads the current and the next tile back at the K shifts (cache hits:
-      this program wrote them) for the current tile's dx;
-    - the weight and bias gradients, accumulated element by element over the run's own tiles, summed over the
-      steps once at the end and added atomically into zeroed ``dw`` (dim, K) and ``db`` (dim,) of the compute
-      dtype (summing each tile over its steps -- K + 1 reductions across lanes and warps per tile -- was most
-      of the instructions).
+    - dpre_p = dout_p silu'(pre_p), pre recomputed from this tile's x and the last K - 1 steps of the previous
+      tile's, still in registers;
+    - dx_p = sum_i w_{K-1-i} dpre_{p+i}, one tile behind: from the tile's dpre and the next tile's (computed past
+      the run's end too, for the K - 1 steps that dx needs);
+    - dw_j = sum_p dpre_p x_{p-(K-1)+j} and dbias = sum_p dpre_p, summed over each tile's steps in registers and
+      over the run, then added atomically into zeroed ``dw`` (dim, K) and ``db`` (dim,) of the compute dtype.
 
-    For K <= 4 each tile's loads (dout, the shifted inputs and, with ACCUMULATE, the dx it adds to) are issued
-    one iteration before they are used: the kernel waited on each load it had just issued (Nsight Compute, H200:
-    38% of its stall samples on global loads; one tile ahead cut its time 0.115 -> 0.096 ms at Vim-Ti's 224 shape).
+    The steps are shifted between registers, not through memory: each thread holds VEC channels (VEC contiguous
+    channels give the tiles one layout, channels on the lanes and steps in registers; the hint keeps Triton from
+    vectorising the loads across steps' lanes instead). Each tile's loads (x, dout and, with ACCUMULATE, the dx it
+    adds to) are issued one iteration before they are used. Needs K - 1 <= BLOCK_L.
 
     ACCUMULATE: add dx to what ``dx`` holds (the other direction's dx, for a bidirectional block's two
     convolutions of one x) instead of overwriting it."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.max_contiguous(tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D), VEC)
     mask_d = offs_d < dim
     bias, w_ptrs = _channel_params(w_ptr, b_ptr, offs_d, mask_d, K, HAS_BIAS, CT, BLOCK_D)
     x_row = pid_b * sx_b + offs_d * sx_d
     g_row = pid_b * sg_b + offs_d * sg_d
     o_row = pid_b * so_b + offs_d * so_d
-    dpre_row = pid_b * L * dim + offs_d
+    steps = tl.arange(0, BLOCK_L)[:, None]
     offs_k = tl.arange(0, BLOCK_K)
-    zero = tl.zeros((BLOCK_L, BLOCK_D), dtype=CT)
-    # d loss / d weight[:, j] = sum_t dpre_t x_{t + S(j-(K-1))}: for K <= 4 (Mamba's widths) one accumulator per j
-    # over (step in a tile, channel), summed over the steps once at the end; wider kernels sum each tile
-    dw0, dw1, dw2, dw3, db_acc = zero, zero, zero, zero, zero
     dw = tl.zeros((BLOCK_K, BLOCK_D), dtype=CT)
+    db = tl.zeros((BLOCK_D,), dtype=CT)
     p0 = pid_l * tiles * BLOCK_L
-    if K <= 4:  # each tile's loads are issued one tile ahead, and converted when used
-        g_n, x0_n, x1_n, x2_n, x3_n = _raw_tile(x_ptr, x_row, dout_ptr, g_row,
-                                                _memory_position(p0 + tl.arange(0, BLOCK_L), L, SIGN), mask_d, L,
-                                                sx_l, sg_l, K, SIGN)
+    p = p0 + tl.arange(0, BLOCK_L)
+    # the tile before the run (for pre's shifted inputs), the run's first tile, and the second's raw loads
+    x_prev = _tile_load(x_ptr, x_row, p - BLOCK_L, mask_d, L, sx_l, SIGN).to(CT)
+    x_cur = _tile_load(x_ptr, x_row, p, mask_d, L, sx_l, SIGN).to(CT)
+    g = _tile_load(dout_ptr, g_row, p, mask_d, L, sg_l, SIGN).to(CT)
+    x_n = _tile_load(x_ptr, x_row, p + BLOCK_L, mask_d, L, sx_l, SIGN)
+    g_n = _tile_load(dout_ptr, g_row, p + BLOCK_L, mask_d, L, sg_l, SIGN)
     acc_n = tl.zeros((BLOCK_L, BLOCK_D), dtype=dx_ptr.dtype.element_ty)
-    for i in range(tiles + 1):
+    if ACCUMULATE:
+        acc_n = _tile_load(dx_ptr, o_row, p, mask_d, L, so_l, SIGN)
+    dpre = _dpre_in_registers(x_prev, x_cur, g, p, mask_d, L, w_ptrs, bias, steps, K, SILU, CT, BLOCK_L,
+                              INTERPRETED)
+    for i in range(tiles):
         p = p0 + i * BLOCK_L + tl.arange(0, BLOCK_L)
-        t = _memory_position(p, L, SIGN)
-        if ACCUMULATE:  # the dx this tile adds to, needed in the next iteration: loaded now
-            m_acc = ((t >= 0) & (t < L))[:, None] & mask_d[None, :]
-            acc_c = acc_n
-            acc_n = tl.load(dx_ptr + o_row[None, :] + t[:, None] * so_l, mask=m_acc, other=0.0)
-        if K <= 4:
-            g, x0, x1, x2, x3 = g_n.to(CT), x0_n.to(CT), x1_n.to(CT), x2_n.to(CT), x3_n.to(CT)
-            g_n, x0_n, x1_n, x2_n, x3_n = _raw_tile(x_ptr, x_row, dout_ptr, g_row,
-                                                    _memory_position(p + BLOCK_L, L, SIGN), mask_d, L, sx_l, sg_l, K,
-                                                    SIGN)
-            dpre, m_t = _dpre_of(g, x0, x1, x2, x3, t, mask_d, L, w_ptrs, bias, K, SILU, CT)
-        else:
-            dpre, m_t, x0, x1, x2, x3 = _dpre_tile(x_ptr, x_row, dout_ptr, g_row, t, mask_d, L, sx_l, sg_l, w_ptrs,
-                                                   bias, K, SIGN, SILU, CT, BLOCK_L, BLOCK_D)
-        tl.store(dpre_ptr + dpre_row[None, :] + t[:, None] * dim, dpre, mask=m_t)
-        own = i < tiles  # the tile past the run's end only feeds dx
-        dpre_own = tl.where(own, dpre, 0.0)
-        db_acc += dpre_own
-        if K <= 4:
-            dw0 += dpre_own * x0
-            dw1 += dpre_own * x1
-            dw2 += dpre_own * x2
-            dw3 += dpre_own * x3
-        else:
-            for j in tl.static_range(K):
-                ts = t + SIGN * (j - (K - 1))
-                m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
-                xv = tl.load(x_ptr + x_row[None, :] + ts[:, None] * sx_l, mask=m, other=0.0).to(CT)
-                dw += tl.where((offs_k == j)[:, None], tl.sum(dpre_own * xv, axis=0)[None, :], 0.0)
-        if i > 0:  # dx of the previous tile, from its dpre and this one's
-            tl.debug_barrier()  # this program's dpre stores are visible to all its threads
-            tq = _memory_position(p - BLOCK_L, L, SIGN)
-            dx = zero
-            for k in tl.static_range(K):
-                ts = tq + SIGN * k
-                m = ((ts >= 0) & (ts < L))[:, None] & mask_d[None, :]
-                dv = tl.load(dpre_ptr + dpre_row[None, :] + ts[:, None] * dim, mask=m, other=0.0)
-                dx += dv * tl.load(w_ptrs + (K - 1 - k)).to(CT)[None, :]
-            m = ((tq >= 0) & (tq < L))[:, None] & mask_d[None, :]
-            dx_ptrs = dx_ptr + o_row[None, :] + tq[:, None] * so_l
-            if ACCUMULATE:
-                dx += acc_c.to(CT)
-            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=m)
-    if K <= 4:
+        # this tile's weight and bias gradients, summed over its steps in registers
+        db += tl.sum(dpre, axis=0)
         for j in tl.static_range(K):
-            dw += tl.where((offs_k == j)[:, None], tl.sum(_slot(j, dw0, dw1, dw2, dw3), axis=0)[None, :], 0.0)
+            x_j = _shifted(x_prev, x_cur, steps, BLOCK_L - (K - 1) + j, BLOCK_L, INTERPRETED)
+            dw += tl.where((offs_k == j)[:, None], tl.sum(dpre * x_j, axis=0)[None, :], 0.0)
+        # the next tile's dpre (from the loads issued last iteration), and the loads for the one after it
+        x_next, g_next, acc = x_n.to(CT), g_n.to(CT), acc_n
+        x_n = _tile_load(x_ptr, x_row, p + 2 * BLOCK_L, mask_d, L, sx_l, SIGN)
+        g_n = _tile_load(dout_ptr, g_row, p + 2 * BLOCK_L, mask_d, L, sg_l, SIGN)
+        if ACCUMULATE:
+            acc_n = _tile_load(dx_ptr, o_row, p + BLOCK_L, mask_d, L, so_l, SIGN)
+        dpre_next = _dpre_in_registers(x_cur, x_next, g_next, p + BLOCK_L, mask_d, L, w_ptrs, bias, steps, K, SILU,
+                                       CT, BLOCK_L, INTERPRETED)
+        # this tile's dx from its dpre and the next one's
+        dx = tl.zeros_like(dpre)
+        for k in tl.static_range(K):
+            w_k = tl.load(w_ptrs + (K - 1 - k)).to(CT)[None, :]
+            dx += _shifted(dpre, dpre_next, steps, k, BLOCK_L, INTERPRETED) * w_k
+        if ACCUMULATE:
+            dx += acc.to(CT)
+        m = ((p >= 0) & (p < L))[:, None] & mask_d[None, :]
+        tl.store(dx_ptr + o_row[None, :] + _memory_position(p, L, SIGN)[:, None] * so_l,
+                 dx.to(dx_ptr.dtype.element_ty), mask=m)
+        x_prev, x_cur, dpre = x_cur, x_next, dpre_next
     if HAS_BIAS:
-        tl.atomic_add(db_ptr + offs_d, tl.sum(db_acc, axis=0), mask=mask_d, sem="relaxed")
+        tl.atomic_add(db_ptr + offs_d, db, mask=mask_d, sem="relaxed")
     tl.atomic_add(dw_ptr + offs_d[None, :] * K + offs_k[:, None], dw, mask=(offs_k < K)[:, None] & mask_d[None, :],
                   sem="relaxed")
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # Triton's interpreter
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _ct(dtype: torch.dtype):
@@ -299,15 +260,17 @@ def _empty_channels_last(batch: int, dim: int, L: int, like: torch.Tensor) -> to
 
 # (steps, channels, warps) per program. Forward: the fastest of those benchmarks/causal_conv1d.py tried on an
 # H200 (2026-11-21; Vim-Ti at 224, batch 256, dim 384, L 197: 0.046 ms, 16:64:4 took 0.096; floor 0.019).
-# Backward (tile steps, channels, warps) and steps per program, with each tile's loads issued a tile ahead: the
-# fastest of 16:64:2, 8:64:2, 8:32:1, 4:32:1 and 16:32:2 (16:64:2 and 16:32:1 spill) with runs of 128, 256 and 512
-# steps on an H200 (profiler kernel times, 2026-11-22, tenth session). One direction: 0.096 ms at 224 (batch 256,
-# L 197) and 0.184 ms at 1248 (batch 16, L 6085), against 0.115 and 0.226 ms for the previous kernel (16:64:2, loads
-# used as soon as issued) and 0.104 and 0.199 ms for that kernel at 8:32:1. Both directions (the second adding into
-# dx, its dx loads also a tile ahead): 0.224 and 0.437 ms against 0.240 and 0.476 ms.
+# Backward (tile steps, channels, warps) and steps per program: the fastest of 8:64:1, 8:128:1, 8:128:2, 4:64:1,
+# 4:128:2 and 16:64:1 with runs of 128, 256 and 512 steps (H200, profiler kernel times of both directions of a
+# bidirectional mixer's backward, Vim-Ti, 2026-11-22, eleventh session): 4:64:1 with runs of 256 steps at 224
+# (batch 256, L 197: 0.124 ms; 8:64:1 0.138, 8:128:2 0.147 with runs of 128) and of 128 steps at 1248 (batch 16,
+# L 6085: 0.258 ms; 256 steps 0.300, 8:128:2 0.247); the kernel with the dpre scratch took 0.222 and 0.438 ms. Two
+# channels per thread (32-bit loads) matter: with one (8:32:1, 16-bit loads) the kernel took 0.93 ms.
 FWD_BLOCKS = (64, 64, 4)
-BWD_BLOCKS = (8, 32, 1)
+BWD_BLOCKS = (4, 64, 1)
 BWD_STEPS = 256
+# runs half as long when batch x channel blocks leave fewer programs than this per multiprocessor
+BWD_PROGRAMS_PER_SM = 4
 # Both directions of one x in one forward kernel (a bidirectional mixer's two convolutions): the fastest of 7 shapes
 # on an H200 (2026-11-22, Vim-Ti, triton.testing.do_bench): 0.060 ms at 224 and 0.099 ms at 1248, against 0.086 and
 # 0.128 ms for two single-direction calls (at 224 a repeat gave 0.098 against 0.086: do_bench there is mostly host
@@ -344,16 +307,23 @@ def _conv_backward(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: t
     accumulate = dx is not None
     if dx is None:
         dx = _empty_channels_last(batch, dim, L, x)
-    dpre = torch.empty(batch, L, dim, device=x.device, dtype=ct)  # scratch, read back by the program that wrote it
     block_l, block_d, warps = BWD_BLOCKS
-    tiles = max(1, min(triton.cdiv(L, block_l), BWD_STEPS // block_l))
+    block_l = max(block_l, triton.next_power_of_2(K - 1))  # a tile's shifts reach into one neighbouring tile only
+    if interpreter_active():
+        block_l = max(block_l, 16)  # the interpreter's cost is per tile, not per element: fewer, larger tiles
+    steps = BWD_STEPS
+    if batch * triton.cdiv(dim, block_d) < BWD_PROGRAMS_PER_SM * _multiprocessors(x.device):
+        steps //= 2  # a long sequence at a small batch: more, shorter runs keep the GPU busy
+    tiles = max(1, min(triton.cdiv(L, block_l), steps // block_l))
     grid = (batch, triton.cdiv(L, block_l * tiles), triton.cdiv(dim, block_d))
     dw = torch.zeros(dim, K, device=x.device, dtype=ct)  # summed over programs by atomic adds
     db = torch.zeros(dim, device=x.device, dtype=ct) if bias is not None else dw
-    _conv_bwd_kernel[grid](x, w, w if bias is None else bias, dout, dpre, dx, dw, db, dim, L, tiles,
+    _conv_bwd_kernel[grid](x, w, w if bias is None else bias, dout, dx, dw, db, dim, L, tiles,
                            *x.stride(), *dout.stride(), *dx.stride(), HAS_BIAS=bias is not None, SILU=silu, K=K,
                            SIGN=-1 if reverse else 1, ACCUMULATE=accumulate, BLOCK_L=block_l, BLOCK_D=block_d,
-                           BLOCK_K=triton.next_power_of_2(K), CT=_ct(x.dtype), num_warps=warps)
+                           BLOCK_K=triton.next_power_of_2(K), VEC=max(1, block_d // (32 * warps)),
+                           INTERPRETED=interpreter_active(), CT=_ct(x.dtype),
+                           num_warps=warps)
     return dx, dw.to(w.dtype), (db.to(bias.dtype) if bias is not None else None)
 
 
@@ -361,7 +331,8 @@ def _conv_backward_both(dout: torch.Tensor, dout2: torch.Tensor, x: torch.Tensor
                         bias: torch.Tensor | None, w2: torch.Tensor, bias2: torch.Tensor | None, silu: bool):
     """The backward of :func:`_conv_forward` with ``w2``: ``(dx, dw, dbias, dw2, dbias2)``, dx the sum of both
     directions'. Two backward kernels, the second adding its dx to the first's. One kernel for both directions
-    (each tile's dpre for both, dx from both, a halo tile on each side) was no faster than two kernels and the add
+    (each tile's dpre for both, dx from both, a halo tile on each side; tried with the dpre scratch, before the
+    backward kept its tiles in registers) was no faster than two kernels and the add
     of their dx (H200, 2026-11-22, Vim-Ti shapes, triton.testing.do_bench, the fastest of 7 block shapes: 0.268
     against 0.265 ms at batch 256, L 197; 0.541 against 0.500 ms at batch 16, L 6085); this removes the add."""
     dx, dw, db = _conv_backward(dout, x, w, bias, silu, False)

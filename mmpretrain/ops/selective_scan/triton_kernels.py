@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import interpreter_active, on_device
+from .._tiles import step_of as _step_of
 
 # the decay factors exp(dt A) are computed as exp2((dt log2 e) A): the scaling is per (step, channel), not per
 # state, and Triton's exp2 is one special-function instruction (its exp adds a multiply and a subnormal range check)
@@ -82,21 +83,6 @@ def _softplus(x, FAST_LOG: tl.constexpr):
     else:
         lg = tl.log2(e)
     return tl.where(x <= 20.0, lg * LN2, x)
-
-
-@triton.jit
-def _step_of(tile, steps, k: tl.constexpr):
-    """Step k of a tile whose first axis is the steps, keeping that axis (of size 1); ``steps`` holds the axis's
-    indices, broadcastable to the tile. The axis lives in each thread's registers, so the compiler resolves the
-    select per register and folds the sum away: no instructions. The sum runs on the bits as integers, because
-    a float sum's additions of -0.0 do not fold when denormals flush to zero (one add per element, as the
-    forward and backward kernels paid before). The kept axis leaves the step in the tile's own layout, so
-    arithmetic between the steps and a state needs no layout conversions."""
-    if tile.dtype.primitive_bitwidth == 64:
-        bits = tile.to(tl.int64, bitcast=True)
-    else:
-        bits = tile.to(tl.int32, bitcast=True)
-    return tl.sum(tl.where(steps == k, bits, 0), axis=0, keep_dims=True).to(tile.dtype, bitcast=True)
 
 
 @triton.jit
