@@ -17,7 +17,10 @@ the cubin), with the instruction classes of each line: that is how one finds whi
 its instructions on (a softplus through an accurate log, a reverse scan that shuffles across the warp).
 The counts are static (an instruction inside a loop counts once).
 
-The Triton here may differ from the GPU machine's by a version; registers move by a few between versions.
+The Triton here may differ from the GPU machine's by a version. Registers move by a few between versions, but
+layouts can change outright (triton 3.6 and 3.8 order a tensor's axes differently when none is contiguous; see
+docs/benchmarks.md, twelfth session): to see the GPU machine's compile, put its Triton first on the path, e.g.
+``pip install --no-deps --target /tmp/t36 triton==3.6.0`` and ``PYTHONPATH=/tmp/t36 python benchmarks/sass_report.py``.
 """
 
 from __future__ import annotations

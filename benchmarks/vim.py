@@ -11,7 +11,8 @@ Workloads are ``train@SIZExBATCH`` or ``infer@SIZExBATCH``; the defaults are tra
 ``mmpretrain.models``; ``deit_tiny_patch16_224`` uses timm's fused SDPA attention), optionally with
 ``+ckpt`` (per-block activation checkpointing; training only), ``+compile`` (``torch.compile``, default mode;
 our scan and convolution kernels enter the graph as custom ops) or ``+graphs`` (``torch.compile`` with
-``mode="reduce-overhead"``: CUDA graphs). The default compares vim_tiny, vim_tiny+ckpt, deit_tiny_patch16_224
+``mode="reduce-overhead"``: CUDA graphs), and ``+fused`` (training: AdamW's single fused kernel, ``fused=True``,
+as our recipes run it, instead of PyTorch's default multi-tensor ``foreach`` implementation). The default compares vim_tiny, vim_tiny+ckpt, deit_tiny_patch16_224
 (eager: the issue's anchor) and deit_tiny_patch16_224+graphs (DeiT-Ti at its fastest: eager it is host-bound at
 224, and graphs train it 2.1x faster on an H200).
 
@@ -64,9 +65,10 @@ def parse_workload(spec: str) -> tuple[str, int, int]:
 
 def parse_model(spec: str) -> tuple[str, set[str]]:
     name, *flags = spec.split("+")
-    unknown = set(flags) - {"ckpt", "compile", "graphs"}
+    unknown = set(flags) - {"ckpt", "compile", "graphs", "fused"}
     if unknown:
-        raise SystemExit(f"--models: {spec!r}: unknown option(s) {sorted(unknown)}; use +ckpt, +compile or +graphs")
+        raise SystemExit(f"--models: {spec!r}: unknown option(s) {sorted(unknown)}; use +ckpt, +compile, +graphs "
+                         "or +fused")
     if name not in timm.list_models():
         raise SystemExit(f"--models: {name!r} is not a timm model name")
     return name, set(flags)
@@ -151,7 +153,10 @@ def bench_model(spec: str, mode: str, size: int, batch: int, steps: int, warmup:
         model = torch.compile(model)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05) if train else None
+    opt = None
+    if train:  # fused=None: PyTorch's default (foreach on CUDA); fused needs the parameters on a GPU
+        fused = True if "fused" in flags and device.type == "cuda" else None
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=fused)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def train_step():
@@ -227,8 +232,8 @@ def main() -> None:
         mode, size, batch = parse_workload(workload)
         for spec in models:
             name, flags = parse_model(spec)
-            if mode == "infer" and "ckpt" in flags:
-                continue  # checkpointing changes nothing without a backward pass
+            if mode == "infer" and flags & {"ckpt", "fused"}:
+                continue  # checkpointing and the optimizer change nothing without a backward pass
             flops = count_flops(name, size, batch, args.num_classes, mode == "train", extra)
             runs = ["loop"]
             if args.task and mode == "train" and size == 224 and spec == name and device.type == "cuda":
