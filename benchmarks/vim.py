@@ -12,9 +12,10 @@ Workloads are ``train@SIZExBATCH`` or ``infer@SIZExBATCH``; the defaults are tra
 ``+ckpt`` (per-block activation checkpointing; training only), ``+compile`` (``torch.compile``, default mode;
 our scan and convolution kernels enter the graph as custom ops) or ``+graphs`` (``torch.compile`` with
 ``mode="reduce-overhead"``: CUDA graphs), and ``+fused`` (training: AdamW's single fused kernel, ``fused=True``,
-as our recipes run it, instead of PyTorch's default multi-tensor ``foreach`` implementation). The default compares vim_tiny, vim_tiny+ckpt, deit_tiny_patch16_224
-(eager: the issue's anchor) and deit_tiny_patch16_224+graphs (DeiT-Ti at its fastest: eager it is host-bound at
-224, and graphs train it 2.1x faster on an H200).
+as our recipes run it, instead of PyTorch's default multi-tensor ``foreach`` implementation). The default
+compares vim_tiny, vim_tiny+ckpt, deit_tiny_patch16_224 (eager: the issue's anchor) and
+deit_tiny_patch16_224+graphs (DeiT-Ti at its fastest: eager it is host-bound at 224, and graphs train it 2.1x
+faster on an H200).
 
 Every run: synthetic batch already on the GPU, bf16 autocast, float32 weights; training is forward,
 cross-entropy, backward and an AdamW step; inference runs under ``torch.inference_mode``. Median step time
