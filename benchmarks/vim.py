@@ -10,12 +10,13 @@ Workloads are ``train@SIZExBATCH`` or ``infer@SIZExBATCH``; the defaults are tra
 (batch 256) and at 1248x1248 (batch 16). Models are timm names (``vim_tiny`` is ours, registered by
 ``mmpretrain.models``; ``deit_tiny_patch16_224`` uses timm's fused SDPA attention), optionally with
 ``+ckpt`` (per-block activation checkpointing; training only), ``+compile`` (``torch.compile``, default mode;
-our scan and convolution kernels enter the graph as custom ops) or ``+graphs`` (``torch.compile`` with
-``mode="reduce-overhead"``: CUDA graphs), and ``+fused`` (training: AdamW's single fused kernel, ``fused=True``,
-as our recipes run it, instead of PyTorch's default multi-tensor ``foreach`` implementation). The default
-compares vim_tiny, vim_tiny+ckpt, deit_tiny_patch16_224 (eager: the issue's anchor) and
-deit_tiny_patch16_224+graphs (DeiT-Ti at its fastest: eager it is host-bound at 224, and graphs train it 2.1x
-faster on an H200).
+our scan and convolution kernels enter the graph as custom ops), ``+graphs`` (``torch.compile`` with
+``mode="reduce-overhead"``: CUDA graphs), ``+autotune`` (``torch.compile`` autotuning its matrix products:
+``mode="max-autotune"``, CUDA graphs included, with ``+graphs``; ``"max-autotune-no-cudagraphs"``, as the DeiT
+recipes compile, without) and ``+fused`` (training: AdamW's single fused kernel, ``fused=True``, as our recipes
+run it, instead of PyTorch's default multi-tensor ``foreach`` implementation). The default compares vim_tiny,
+vim_tiny+ckpt, deit_tiny_patch16_224 (eager: the issue's anchor) and deit_tiny_patch16_224+graphs (DeiT-Ti at
+its fastest: eager it is host-bound at 224, and graphs train it 2.1x faster on an H200).
 
 Every run: synthetic batch already on the GPU, bf16 autocast, float32 weights; training is forward,
 cross-entropy, backward and an AdamW step; inference runs under ``torch.inference_mode``. Median step time
@@ -66,10 +67,10 @@ def parse_workload(spec: str) -> tuple[str, int, int]:
 
 def parse_model(spec: str) -> tuple[str, set[str]]:
     name, *flags = spec.split("+")
-    unknown = set(flags) - {"ckpt", "compile", "graphs", "fused"}
+    unknown = set(flags) - {"ckpt", "compile", "graphs", "autotune", "fused"}
     if unknown:
-        raise SystemExit(f"--models: {spec!r}: unknown option(s) {sorted(unknown)}; use +ckpt, +compile, +graphs "
-                         "or +fused")
+        raise SystemExit(f"--models: {spec!r}: unknown option(s) {sorted(unknown)}; use +ckpt, +compile, +graphs, "
+                         "+autotune or +fused")
     if name not in timm.list_models():
         raise SystemExit(f"--models: {name!r} is not a timm model name")
     return name, set(flags)
@@ -148,7 +149,9 @@ def bench_model(spec: str, mode: str, size: int, batch: int, steps: int, warmup:
         model.set_grad_checkpointing(True)
     train = mode == "train"
     model.train(train)
-    if "graphs" in flags:
+    if "autotune" in flags:
+        model = torch.compile(model, mode="max-autotune" if "graphs" in flags else "max-autotune-no-cudagraphs")
+    elif "graphs" in flags:
         model = torch.compile(model, mode="reduce-overhead")
     elif "compile" in flags:
         model = torch.compile(model)
