@@ -348,6 +348,34 @@ def test_triton_backend_channel_sums(device, block_d_bwd):
 
 
 @needs_triton
+def test_lane_sums_verified_once_per_key_and_falls_back(monkeypatch):
+    """The shuffle sums of dB and dC are checked once per kernel specialisation against tl.sum, on the call's own
+    inputs: a disagreement (a Triton that lays the backward's tiles out differently) warns and falls back to tl.sum,
+    summation-order noise does not, and each key's answer is kept."""
+    from mmpretrain.ops.selective_scan import triton_kernels as tk
+
+    monkeypatch.setattr(tk, "_LANE_SUMS_VERIFIED", {})
+    calls = []
+
+    def channel_sums(wrong_by):
+        def run(on):
+            calls.append(on)
+            dB = torch.arange(1.0, 7.0).reshape(2, 3)
+            return dB + wrong_by * on, -dB * (1 + 1e-6 * on)
+
+        return run
+
+    assert tk.lane_sums_verified(("good",), channel_sums(1e-6))
+    assert calls == [True, False]
+    with pytest.warns(RuntimeWarning, match="disagree with tl.sum"):
+        assert not tk.lane_sums_verified(("bad",), channel_sums(0.5))
+    calls.clear()
+    assert tk.lane_sums_verified(("good",), channel_sums(1e-6))
+    assert not tk.lane_sums_verified(("bad",), channel_sums(0.5))
+    assert calls == []
+
+
+@needs_triton
 @pytest.mark.parametrize("device", triton_devices())
 def test_triton_backend_strong_decay_and_mixed_groups(device):
     """Underflowing decays (a_t x_{t-1} must not come from x_t - dt B u), and B shared while C is grouped."""

@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import torch
 import triton
@@ -657,6 +658,47 @@ def lane_sums(lanes: int, sub: int, num_warps: int, dtype: torch.dtype, bn: int)
             and lanes in (4, 8, 16, 32) and bn >= 32 // lanes)
 
 
+_LANE_SUMS_VERIFIED: dict[tuple, bool] = {}
+
+
+def lane_sums_verified(key: tuple, channel_sums) -> bool:
+    """Whether the shuffle reduce-scatter (:func:`_add_channel_sums`) may sum dB and dC for the kernel
+    specialisation ``key``: checked once per key against ``tl.sum`` on the call's own inputs. ``channel_sums(on)``
+    runs the backward with the shuffles on or off and returns its (dB, dC).
+
+    Why: the shuffles pair lanes by index, so they are right only for the layout Triton gives the backward's tiles
+    today (the channel lanes on the lane index's low bits). A Triton that laid them out differently would give
+    wrong dB and dC on a GPU and nowhere else (CI runs the interpreter, which takes ``tl.sum``). A mismatch
+    (relative difference over 1e-3; different summation orders agree to about 1e-6) warns and falls back to
+    ``tl.sum`` for that key. While a CUDA graph is being captured nothing is checked: a key not yet checked takes
+    ``tl.sum`` for that call."""
+    ok = _LANE_SUMS_VERIFIED.get(key)
+    if ok is not None:
+        return ok
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    shuffled, summed = channel_sums(True), channel_sums(False)
+    errors = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+              for a, b in zip(shuffled, summed, strict=True)]
+    ok = max(errors) <= 1e-3
+    if not ok:
+        warnings.warn(
+            "selective_scan_triton: the backward's shuffle sums of dB and dC disagree with tl.sum on this GPU and "
+            f"Triton {triton.__version__} (relative differences {errors[0]:.1e} and {errors[1]:.1e}): this Triton lays "
+            "the backward's tiles out differently; falling back to tl.sum (slower, correct). Please report it.",
+            RuntimeWarning, stacklevel=3)
+    _LANE_SUMS_VERIFIED[key] = ok
+    return ok
+
+
+def _bwd_channel_sums(launch, lane_sums_on: bool, grads: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs ``launch`` (the backward's kernels) into scratch copies of ``grads`` (the accumulated ones zeroed) and
+    returns its dB and dC."""
+    scratch = [torch.zeros_like(g) for g in grads]
+    launch(lane_sums_on, scratch)
+    return scratch[3], scratch[4]
+
+
 def _empty_in_layout(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An empty (batch, dim, L) tensor, channels-contiguous ((batch, L, dim) in memory) when ``like`` is, so that
     the kernels' reads and writes of a step stay coalesced; else contiguous."""
@@ -774,14 +816,25 @@ def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, sof
                  *B.stride(), *C.stride()]
         head = [u, delta, A_t, B, C, u if D is None else D, u if z is None else z,
                 u if delta_bias is None else delta_bias, dout, ckpt]
-        carry = dlast.unsqueeze(1) if dlast is not None else None
-        if n_splits > 1:  # each split's adjoint from zero, then the true carry entering each split
-            local = torch.empty(batch, n_splits, N, dim, device=dev, dtype=ct)
-            _bwd_kernel[(batch, n_blocks, n_splits)](*head, local, scratch, *grads, *sizes, LOCAL=True,
-                                                     HAS_CARRY=False, **flags)
-            carry = _combine(local, dts, A_t, dlast, True, ct)
-        _bwd_kernel[(batch, n_blocks, n_splits)](*head, ckpt if carry is None else carry, scratch, *grads, *sizes,
-                                                 LOCAL=False, HAS_CARRY=carry is not None, **flags)
+        first = dlast.unsqueeze(1) if dlast is not None else None
+
+        def launch(lane_sums_on: bool, grads: list) -> None:
+            flags["LANE_SUMS"] = lane_sums_on
+            carry = first
+            if n_splits > 1:  # each split's adjoint from zero, then the true carry entering each split
+                local = torch.empty(batch, n_splits, N, dim, device=dev, dtype=ct)
+                _bwd_kernel[(batch, n_blocks, n_splits)](*head, local, scratch, *grads, *sizes, LOCAL=True,
+                                                         HAS_CARRY=False, **flags)
+                carry = _combine(local, dts, A_t, dlast, True, ct)
+            _bwd_kernel[(batch, n_blocks, n_splits)](*head, ckpt if carry is None else carry, scratch, *grads,
+                                                     *sizes, LOCAL=False, HAS_CARRY=carry is not None, **flags)
+
+        if flags["LANE_SUMS"]:
+            key = (dev.index, tuple(sorted(flags.items())), n_splits > 1, dlast is not None,
+                   tuple(str(t.dtype) for t in head if t is not None),
+                   tuple((s == 1, s % 16 == 0) for s in sizes if isinstance(s, int)))
+            flags["LANE_SUMS"] = lane_sums_verified(key, lambda on: _bwd_channel_sums(launch, on, grads))
+        launch(flags["LANE_SUMS"], grads)
     dA_t = dA_t.to(A_t.dtype)
     dD = dD.to(D.dtype) if D is not None else None
     dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
