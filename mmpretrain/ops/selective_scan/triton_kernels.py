@@ -320,7 +320,8 @@ def _add_channel_sums(ptr, part, row, s0, offs_n, mask_n, REVERSE: tl.constexpr,
 
     The shuffles pair lanes by index, so this relies on the layout Triton gives the backward's tiles: one warp, the
     channel lanes on the lane index's low bits, each thread one element of the lane axis (the default blocked
-    layout; ``test_triton_backend_channel_sums`` checks it on a GPU at 4 to 32 channel lanes)."""
+    layout; ``test_triton_backend_channel_sums`` checks it on a GPU at 4 to 32 channel lanes, and
+    :func:`lane_sums_verified` at run time, once per kernel specialisation)."""
     HALF: tl.constexpr = LANES_D // 2
     QUARTER: tl.constexpr = LANES_D // 4
     steps = tl.arange(0, 4)[:, None, None]
