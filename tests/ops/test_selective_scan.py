@@ -348,6 +348,25 @@ def test_triton_backend_channel_sums(device, block_d_bwd):
 
 
 @needs_triton
+@pytest.mark.parametrize("has_D, has_bias", [(True, True), (False, False), (True, False)])
+def test_backward_accumulators_split_into_disjoint_aligned_views(has_D, has_bias):
+    """The backward's one zeroed buffer for its atomic sums: dB, dC, dA_t, dD and d(delta_bias) are disjoint views
+    of it with the right shapes, each starting on 16 bytes (odd sizes: batch 3, L 7, N 3, dim 5)."""
+    from mmpretrain.ops.selective_scan.triton_kernels import _accumulator_sizes, split_accumulators
+
+    batch, groups, L, N, dim = 3, 1, 7, 3, 5
+    acc = torch.zeros(sum(_accumulator_sizes(batch, groups, L, N, dim, has_D, has_bias)))
+    dB, dC, dA_t, dD, dbias = split_accumulators(acc, batch, groups, L, N, dim, has_D, has_bias)
+    assert dB.shape == dC.shape == (batch, groups, L, N) and dA_t.shape == (N, dim)
+    assert (dD is not None) == has_D and (dbias is not None) == has_bias
+    parts = [t for t in (dB, dC, dA_t, dD, dbias) if t is not None]
+    for i, t in enumerate(parts):
+        assert t.untyped_storage().data_ptr() == acc.untyped_storage().data_ptr() and t.storage_offset() % 4 == 0
+        t.fill_(i + 1)
+    assert all(bool((t == i + 1).all()) for i, t in enumerate(parts))  # no part overwrote another
+
+
+@needs_triton
 def test_lane_sums_verified_once_per_key_and_falls_back(monkeypatch):
     """The shuffle sums of dB and dC are checked once per kernel specialisation against tl.sum, on the call's own
     inputs: a disagreement (a Triton that lays the backward's tiles out differently) warns and falls back to tl.sum,

@@ -2,10 +2,11 @@
 
 ``mmpretrain::selective_scan_fwd`` runs the forward kernels and returns ``(out, ckpt, dts)`` (the per-chunk
 state checkpoints and the per-split summed dt the backward needs; ``dts`` is empty when the sequence is not
-split); ``mmpretrain::selective_scan_bwd`` runs the backward kernels. The forward op's autograd rule calls the
-backward op, so the compiled graph holds both as opaque calls and Inductor fuses the elementwise work, casts
-and layout changes around them (and CUDA graphs can capture them: nothing in either op synchronises with the
-host). The final state, when asked for, is ``ckpt[:, -1]`` read outside the op, and its gradient reaches the
+split); ``mmpretrain::selective_scan_bwd`` runs the backward kernels and returns the gradients they sum by
+atomic adds (dB, dC, dA, dD, d(delta_bias)) as one flat float32 buffer, which the autograd rule views and casts.
+The forward op's autograd rule calls the backward op, so the compiled graph holds both as opaque calls and
+Inductor fuses the elementwise work, casts and layout changes around them (and CUDA graphs can capture them:
+nothing in either op synchronises with the host). The final state, when asked for, is ``ckpt[:, -1]`` read outside the op, and its gradient reaches the
 backward as the gradient of ``ckpt``'s last entry.
 
 Eager mode does not use these ops: :class:`.triton_kernels.SelectiveScanTriton` (a ``torch.autograd.Function``)
@@ -14,7 +15,7 @@ with the backward, measured on CPU with a trivial body), and an eager Vim-Ti ste
 :func:`.triton_kernels.selective_scan_triton` picks between the two with ``torch.compiler.is_compiling()``.
 
 The fake (meta) implementations give the real outputs' shapes, dtypes and strides (u's channels-contiguous
-layout, dB and dC as transposed views), which ``torch.library.opcheck`` checks in the tests.
+layout), which ``torch.library.opcheck`` checks in the tests.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ import torch
 from torch import Tensor
 
 from .._runtime import on_device
-from .triton_kernels import TritonConfig, _backward, _compute_dtype, _empty_in_layout, _forward, _plan
+from .triton_kernels import (
+    TritonConfig,
+    _accumulator_sizes,
+    _backward_flat,
+    _compute_dtype,
+    _empty_in_layout,
+    _forward,
+    _plan,
+    split_accumulators,
+)
 
 
 @torch.library.custom_op("mmpretrain::selective_scan_fwd", mutates_args=())
@@ -54,30 +64,28 @@ def _(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config, ou
 def selective_scan_bwd(dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor,
                        C: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, ckpt: Tensor,
                        dts: Tensor, delta_softplus: bool, reverse: bool, config: list[int], out_scale: float
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward kernels: ``(du, ddelta, dA_t, dB, dC, dD, dz, d_delta_bias)``, an empty tensor for each absent
-    argument's gradient. ``dlast``: the gradient of the final state as (batch, N, dim), or None."""
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward kernels: ``(du, ddelta, dz, acc)``, dz empty without z; ``acc`` is the flat float32 (float64)
+    buffer of the gradients summed by atomic adds (dB, dC, dA_t, dD, d(delta_bias); ``split_accumulators`` views
+    it), so that their casts happen in the traced graph, where Inductor fuses them into their readers. ``dlast``:
+    the gradient of the final state as (batch, N, dim), or None."""
     cfg = TritonConfig.from_ints(tuple(config))
     with on_device(u):
-        grads = _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts if dts.numel() else None,
-                          delta_softplus, reverse, cfg, out_scale)
-    return tuple(g if g is not None else u.new_empty(0) for g in grads)
+        du, ddelta, dz, acc = _backward_flat(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt,
+                                             dts if dts.numel() else None, delta_softplus, reverse, cfg, out_scale)
+    return du, ddelta, dz if dz is not None else u.new_empty(0), acc
 
 
 @selective_scan_bwd.register_fake
 def _(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, delta_softplus, reverse, config, out_scale):
     batch, dim, L = u.shape
     N, groups = A_t.shape[0], B.shape[1]
-    absent = u.new_empty(0)
+    n_acc = sum(_accumulator_sizes(batch, groups, L, N, dim, D is not None, delta_bias is not None))
     return (
         _empty_in_layout(u, u.dtype),
         _empty_in_layout(u, delta.dtype),
-        A_t.new_empty((N, dim)),
-        B.new_empty((batch, groups, L, N)).transpose(2, 3),
-        C.new_empty((batch, groups, L, N)).transpose(2, 3),
-        D.new_empty((dim,)) if D is not None else absent,
-        _empty_in_layout(u, z.dtype) if z is not None else absent,
-        delta_bias.new_empty((dim,)) if delta_bias is not None else absent,
+        _empty_in_layout(u, z.dtype) if z is not None else u.new_empty(0),
+        u.new_empty((n_acc,), dtype=_compute_dtype(u)),
     )
 
 
@@ -96,12 +104,16 @@ def _backward_rule(ctx, dout, dckpt, _ddts):
     if dout is None:
         dout = torch.zeros_like(u)
     dlast = dckpt[:, -1].contiguous() if dckpt is not None else None  # only the final state is read outside
-    du, ddelta, dA_t, dB, dC, dD, dz, dbias = selective_scan_bwd(dout, dlast, u, delta, A_t, B, C, D, z,
-                                                                 delta_bias, ckpt, dts, softplus, reverse, config,
-                                                                 out_scale)
-    present = lambda g, t: g if t is not None else None  # noqa: E731
-    return (du, ddelta, dA_t, dB, dC, present(dD, D), present(dz, z), present(dbias, delta_bias), None, None, None,
-            dadd, None)
+    du, ddelta, dz, acc = selective_scan_bwd(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus,
+                                             reverse, config, out_scale)
+    batch, dim, L = u.shape
+    dB, dC, dA_t, dD, dbias = split_accumulators(acc, batch, B.shape[1], L, A_t.shape[0], dim, D is not None,
+                                                 delta_bias is not None)
+    # (batch, groups, L, N) -> B's and C's (batch, groups, N, L) as transposed views, in their dtypes
+    dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)
+    cast = lambda g, t: g.to(t.dtype) if t is not None else None  # noqa: E731
+    return (du, ddelta, dA_t.to(A_t.dtype), dB, dC, cast(dD, D), dz if z is not None else None,
+            cast(dbias, delta_bias), None, None, None, dadd, None)
 
 
 selective_scan_fwd.register_autograd(_backward_rule, setup_context=_setup_context)

@@ -774,11 +774,47 @@ def _forward(u, delta, A_t, B, C, D, z, delta_bias, softplus: bool, reverse: boo
     return out, ckpt, dts
 
 
+def _accumulator_sizes(batch: int, groups: int, L: int, N: int, dim: int, has_D: bool, has_bias: bool) -> list[int]:
+    """Elements of dB, dC, dA_t, dD and d(delta_bias) in the backward's flat accumulator, each rounded up to a
+    multiple of 4 (16 bytes of float32, so every part starts aligned for the kernels' vector atomics)."""
+    n_bc = batch * groups * L * N
+    return [-(-n // 4) * 4 for n in (n_bc, n_bc, N * dim, dim if has_D else 0, dim if has_bias else 0)]
+
+
+def split_accumulators(acc: torch.Tensor, batch: int, groups: int, L: int, N: int, dim: int, has_D: bool,
+                       has_bias: bool):
+    """Views of the backward's flat accumulator (see :func:`_backward_flat`): dB and dC as (batch, groups, L, N),
+    dA_t (N, dim), dD and d(delta_bias) (dim,) or None, all in the compute dtype."""
+    dB, dC, dA_t, dD, dbias = torch.split(acc, _accumulator_sizes(batch, groups, L, N, dim, has_D, has_bias))
+    n_bc = batch * groups * L * N
+    return (dB[:n_bc].view(batch, groups, L, N), dC[:n_bc].view(batch, groups, L, N), dA_t[:N * dim].view(N, dim),
+            dD[:dim] if has_D else None, dbias[:dim] if has_bias else None)
+
+
 def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus: bool, reverse: bool,
               cfg: TritonConfig, out_scale: float = 1.0):
     """The backward kernels: ``(du, ddelta, dA_t, dB, dC, dD, dz, d_delta_bias)``, None for absent arguments
     (``dA_t`` (N, dim), like ``A_t``). ``dlast``: the gradient of the final state as (batch, N, dim), or None;
     ``ckpt``, ``dts``: from :func:`_forward`; ``out_scale``: the forward's (``dout`` is the output's gradient)."""
+    du, ddelta, dz, acc = _backward_flat(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus,
+                                         reverse, cfg, out_scale)
+    batch, dim, L = u.shape
+    dB, dC, dA_t, dD, dbias = split_accumulators(acc, batch, B.shape[1], L, A_t.shape[0], dim, D is not None,
+                                                 delta_bias is not None)
+    dA_t = dA_t.to(A_t.dtype)
+    dD = dD.to(D.dtype) if D is not None else None
+    dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
+    # (batch, groups, L, N) -> B's and C's (batch, groups, N, L), as transposed views
+    dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)
+    return du, ddelta, dA_t, dB, dC, dD, dz, dbias
+
+
+def _backward_flat(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus: bool, reverse: bool,
+                   cfg: TritonConfig, out_scale: float = 1.0):
+    """The backward kernels (arguments as :func:`_backward`): ``(du, ddelta, dz or None, acc)``, where ``acc`` is
+    one flat buffer of the compute dtype holding everything summed over programs by atomic adds (dB, dC, dA_t, dD,
+    d(delta_bias); :func:`split_accumulators` views it): one zero fill a call instead of five, and under
+    ``torch.compile`` dB's and dC's casts to B's dtype fuse into the kernels that read them."""
     batch, dim, L = u.shape
     N = A_t.shape[0]
     groups = B.shape[1]
@@ -797,12 +833,11 @@ def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, sof
 
     du, ddelta = grad_like(u.dtype), grad_like(delta.dtype)
     dz = grad_like(z.dtype) if z is not None else None
-    # summed over programs by atomic adds
-    dB = torch.zeros(batch, groups, L, N, device=dev, dtype=ct)
-    dC = torch.zeros(batch, groups, L, N, device=dev, dtype=ct)
-    dA_t = torch.zeros(N, dim, device=dev, dtype=ct)
-    dD = torch.zeros(dim, device=dev, dtype=ct) if D is not None else None
-    dbias = torch.zeros(dim, device=dev, dtype=ct) if delta_bias is not None else None
+    # summed over programs by atomic adds, in one zeroed buffer
+    acc = torch.zeros(sum(_accumulator_sizes(batch, groups, L, N, dim, D is not None, delta_bias is not None)),
+                      device=dev, dtype=ct)
+    dB, dC, dA_t, dD, dbias = split_accumulators(acc, batch, groups, L, N, dim, D is not None,
+                                                 delta_bias is not None)
     if L > 0:
         sub = cfg.bwd_sub_chunk
         rows = min(cfg.rows_bwd, bd)  # the program's bd channels as rows of lanes
@@ -836,12 +871,7 @@ def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, sof
                    tuple((s == 1, s % 16 == 0) for s in sizes if isinstance(s, int)))
             flags["LANE_SUMS"] = lane_sums_verified(key, lambda on: _bwd_channel_sums(launch, on, grads))
         launch(flags["LANE_SUMS"], grads)
-    dA_t = dA_t.to(A_t.dtype)
-    dD = dD.to(D.dtype) if D is not None else None
-    dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
-    # (batch, groups, L, N) -> B's and C's (batch, groups, N, L), as transposed views
-    dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)
-    return du, ddelta, dA_t, dB, dC, dD, dz, dbias
+    return du, ddelta, dz, acc
 
 
 class SelectiveScanTriton(torch.autograd.Function):
