@@ -32,7 +32,7 @@ from .triton_kernels import (
     _empty_in_layout,
     _forward,
     _plan,
-    split_accumulators,
+    accumulated_gradients,
 )
 
 
@@ -66,7 +66,7 @@ def selective_scan_bwd(dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Ten
                        dts: Tensor, delta_softplus: bool, reverse: bool, config: list[int], out_scale: float
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward kernels: ``(du, ddelta, dz, acc)``, dz empty without z; ``acc`` is the flat float32 (float64)
-    buffer of the gradients summed by atomic adds (dB, dC, dA_t, dD, d(delta_bias); ``split_accumulators`` views
+    buffer of the gradients summed by atomic adds (dB, dC, dA_t, dD, d(delta_bias); ``accumulated_gradients`` views
     it), so that their casts happen in the traced graph, where Inductor fuses them into their readers. ``dlast``:
     the gradient of the final state as (batch, N, dim), or None."""
     cfg = TritonConfig.from_ints(tuple(config))
@@ -106,14 +106,8 @@ def _backward_rule(ctx, dout, dckpt, _ddts):
     dlast = dckpt[:, -1].contiguous() if dckpt is not None else None  # only the final state is read outside
     du, ddelta, dz, acc = selective_scan_bwd(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus,
                                              reverse, config, out_scale)
-    batch, dim, L = u.shape
-    dB, dC, dA_t, dD, dbias = split_accumulators(acc, batch, B.shape[1], L, A_t.shape[0], dim, D is not None,
-                                                 delta_bias is not None)
-    # (batch, groups, L, N) -> B's and C's (batch, groups, N, L) as transposed views, in their dtypes
-    dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)
-    cast = lambda g, t: g.to(t.dtype) if t is not None else None  # noqa: E731
-    return (du, ddelta, dA_t.to(A_t.dtype), dB, dC, cast(dD, D), dz if z is not None else None,
-            cast(dbias, delta_bias), None, None, None, dadd, None)
+    dA_t, dB, dC, dD, dbias = accumulated_gradients(acc, u, A_t, B, C, D, delta_bias)
+    return (du, ddelta, dA_t, dB, dC, dD, dz if z is not None else None, dbias, None, None, None, dadd, None)
 
 
 selective_scan_fwd.register_autograd(_backward_rule, setup_context=_setup_context)

@@ -798,15 +798,20 @@ def _backward(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, sof
     ``ckpt``, ``dts``: from :func:`_forward`; ``out_scale``: the forward's (``dout`` is the output's gradient)."""
     du, ddelta, dz, acc = _backward_flat(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus,
                                          reverse, cfg, out_scale)
+    dA_t, dB, dC, dD, dbias = accumulated_gradients(acc, u, A_t, B, C, D, delta_bias)
+    return du, ddelta, dA_t, dB, dC, dD, dz, dbias
+
+
+def accumulated_gradients(acc: torch.Tensor, u, A_t, B, C, D, delta_bias):
+    """``(dA_t, dB, dC, dD, d_delta_bias)`` from the backward's flat accumulator, each in its argument's dtype (None
+    for an absent argument); dB and dC as B's and C's (batch, groups, N, L), transposed views of (batch, groups, L,
+    N). Under ``torch.compile`` this runs in the traced graph, so the casts fuse into the gradients' readers."""
     batch, dim, L = u.shape
     dB, dC, dA_t, dD, dbias = split_accumulators(acc, batch, B.shape[1], L, A_t.shape[0], dim, D is not None,
                                                  delta_bias is not None)
-    dA_t = dA_t.to(A_t.dtype)
-    dD = dD.to(D.dtype) if D is not None else None
-    dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
-    # (batch, groups, L, N) -> B's and C's (batch, groups, N, L), as transposed views
-    dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)
-    return du, ddelta, dA_t, dB, dC, dD, dz, dbias
+    return (dA_t.to(A_t.dtype), dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype),
+            dD.to(D.dtype) if D is not None else None,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None)
 
 
 def _backward_flat(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus: bool, reverse: bool,
@@ -855,22 +860,22 @@ def _backward_flat(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts
         first = dlast.unsqueeze(1) if dlast is not None else None
 
         def launch(lane_sums_on: bool, grads: list) -> None:
-            flags["LANE_SUMS"] = lane_sums_on
+            run_flags = dict(flags, LANE_SUMS=lane_sums_on)
             carry = first
             if n_splits > 1:  # each split's adjoint from zero, then the true carry entering each split
                 local = torch.empty(batch, n_splits, N, dim, device=dev, dtype=ct)
                 _bwd_kernel[(batch, n_blocks, n_splits)](*head, local, scratch, *grads, *sizes, LOCAL=True,
-                                                         HAS_CARRY=False, **flags)
+                                                         HAS_CARRY=False, **run_flags)
                 carry = _combine(local, dts, A_t, dlast, True, ct)
             _bwd_kernel[(batch, n_blocks, n_splits)](*head, ckpt if carry is None else carry, scratch, *grads,
-                                                     *sizes, LOCAL=False, HAS_CARRY=carry is not None, **flags)
+                                                     *sizes, LOCAL=False, HAS_CARRY=carry is not None, **run_flags)
 
-        if flags["LANE_SUMS"]:
+        shuffle = flags["LANE_SUMS"]
+        if shuffle:  # checked once per kernel specialisation (Triton's: flags, dtypes, sizes that are 1 or 16k)
             key = (dev.index, tuple(sorted(flags.items())), n_splits > 1, dlast is not None,
-                   tuple(str(t.dtype) for t in head if t is not None),
-                   tuple((s == 1, s % 16 == 0) for s in sizes if isinstance(s, int)))
-            flags["LANE_SUMS"] = lane_sums_verified(key, lambda on: _bwd_channel_sums(launch, on, grads))
-        launch(flags["LANE_SUMS"], grads)
+                   tuple(str(t.dtype) for t in head), tuple((s == 1, s % 16 == 0) for s in sizes if isinstance(s, int)))
+            shuffle = lane_sums_verified(key, lambda on: _bwd_channel_sums(launch, on, grads))
+        launch(shuffle, grads)
     return du, ddelta, dz, acc
 
 
