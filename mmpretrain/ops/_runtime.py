@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
 # looked up once, at import: importlib inside a function torch.compile traces would break its graph at every call
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _source_key(root: Path) -> int:
+    """A 63-bit hash of every Python file under ``root`` (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return int(digest.hexdigest()[:15], 16)
+
+
+# Our custom ops take this as their last argument. Inductor's caches (AOTAutograd's and the FX graph cache) key a
+# compiled graph on the traced graph, not on the code of the custom ops in it: their kernels, fake implementations
+# and autograd rules. After an upgrade a warm cache could hand back a graph built around the old ops (with a backward
+# traced from the old rule, and size asserts from the old fakes). As a constant in every call, the hash of this
+# package's sources puts the ops' code into the traced graph, so a graph compiled with other ops is never reused.
+OPS_SOURCE_KEY = _source_key(Path(__file__).parent)
 
 
 def triton_available() -> bool:

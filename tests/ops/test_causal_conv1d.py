@@ -107,10 +107,10 @@ def test_triton_conv_custom_ops(bias):
     w = torch.randn(5, 4, generator=g).to(device).requires_grad_(True)
     b = torch.randn(5, generator=g).to(device).requires_grad_(True) if bias else None
     for reverse in (False, True):
-        torch.library.opcheck(causal_conv1d_fwd, (x, w, b, True, reverse))
+        torch.library.opcheck(causal_conv1d_fwd, (x, w, b, True, reverse, 1))
         dout = torch.randn(2, 5, 9, generator=g).to(device)
         torch.library.opcheck(causal_conv1d_bwd, (dout, x.detach(), w.detach(), b.detach() if bias else None,
-                                                  True, reverse))
+                                                  True, reverse, 1))
 
         def conv(x, w, b, reverse=reverse):
             return causal_conv1d(x, w, b, "silu", reverse, backend="triton")
@@ -187,9 +187,9 @@ def test_triton_bidirectional_conv_custom_ops(bias):
               torch.randn(5, 4, generator=g), torch.randn(5, generator=g) if bias else None]
     params = [t.to(device).requires_grad_(True) if t is not None else None for t in params]
     plain = [t.detach() if t is not None else None for t in params]
-    torch.library.opcheck(causal_conv1d_bidir_fwd, (x, *params, True))
+    torch.library.opcheck(causal_conv1d_bidir_fwd, (x, *params, True, 1))
     douts = [torch.randn(2, 5, 9, generator=g).to(device) for _ in range(2)]
-    torch.library.opcheck(causal_conv1d_bidir_bwd, (*douts, x.detach(), *plain, True))
+    torch.library.opcheck(causal_conv1d_bidir_bwd, (*douts, x.detach(), *plain, True, 1))
 
     def conv(x, w, b, w2, b2):
         return causal_conv1d_bidirectional(x, w, b, w2, b2, "silu", backend="triton")

@@ -430,11 +430,11 @@ def test_triton_backend_custom_ops_opcheck(device, config, groups, splits):
     cfg = TritonConfig(chunk=4, sub_chunk=2, splits=splits).to_ints()
     A_t = t["A"].detach().t().contiguous().requires_grad_(True)  # the ops take A as (N, dim)
     args = (t["u"], t["delta"], A_t, B4, C4, t["D"], t["z"], t["delta_bias"], flags["delta_softplus"], False, cfg,
-            None, 1.0)
-    torch.library.opcheck(selective_scan_fwd, (*args[:9], splits > 1, cfg, None, 1.0))  # reverse with the splits
+            None, 1.0, 1)
+    torch.library.opcheck(selective_scan_fwd, (*args[:9], splits > 1, cfg, None, 1.0, 1))  # reverse with the splits
     # the output's epilogue: scaled, plus a tensor laid out like u
     add = torch.randn_like(t["u"]).requires_grad_(True)
-    torch.library.opcheck(selective_scan_fwd, (*args[:11], add, 0.5))
+    torch.library.opcheck(selective_scan_fwd, (*args[:11], add, 0.5, 1))
     with torch.no_grad():
         out, ckpt, dts = selective_scan_fwd(*args)
     assert tuple(dts.shape) == ((1, splits, 4) if splits > 1 else (0,))  # 3 chunks of 4 steps in 2 splits
@@ -443,7 +443,7 @@ def test_triton_backend_custom_ops_opcheck(device, config, groups, splits):
         dlast = torch.randn_like(ckpt[:, -1])
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:8]]
     for dl, scale in ((None, 1.0), (dlast, 0.5)):
-        torch.library.opcheck(selective_scan_bwd, (dout, dl, *detached, ckpt, dts, *args[8:11], scale))
+        torch.library.opcheck(selective_scan_bwd, (dout, dl, *detached, ckpt, dts, *args[8:11], scale, 1))
 
 
 @needs_triton
@@ -451,17 +451,27 @@ def test_triton_backend_custom_ops_opcheck(device, config, groups, splits):
 @pytest.mark.parametrize("config,groups", [("full", 0), ("D_softplus", 2)])
 def test_triton_backend_under_torch_compile(device, config, groups):
     """torch.compile(fullgraph=True) traces the triton backend (as its custom ops) in one graph and gives the
-    eager kernels' outputs and gradients, the final state's included, forward and reverse."""
+    eager kernels' outputs and gradients, the final state's included, forward and reverse. The traced graph holds
+    the hash of the ops' sources (so Inductor's caches never hand back a graph compiled around other ops)."""
+    from mmpretrain.ops._runtime import OPS_SOURCE_KEY
+
     t, flags = make_inputs(2, 6, 13, 4, groups, config, torch.float32, device, seed=7)
+    graphs = []
+
+    def capturing(gm, example_inputs):
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend(compile_backend(device))(gm, example_inputs)
+
     for reverse in (False, True):
         def scan(reverse=reverse, **kw):
             return _triton(chunk=4, sub_chunk=2)(**kw, reverse=reverse)
 
         eager = run_with_grads(scan, t, flags)
         torch._dynamo.reset()
-        compiled = run_with_grads(torch.compile(scan, backend=compile_backend(device), fullgraph=True), t, flags)
+        compiled = run_with_grads(torch.compile(scan, backend=capturing, fullgraph=True), t, flags)
         assert_matches(compiled, {k: v.double() for k, v in eager.items()}, 1e-6, f"compiled reverse={reverse}",
                        1e-7)
+        assert "selective_scan_fwd" in graphs[-1] and str(OPS_SOURCE_KEY) in graphs[-1]
 
 
 def _with_epilogue(scan, scale):

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import interpreter_active, on_device
+from .._runtime import OPS_SOURCE_KEY, interpreter_active, on_device
 from .._tiles import step_of
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -378,13 +378,14 @@ class CausalConv1dBidirTriton(torch.autograd.Function):
 # custom op's dispatch costs the host several times more per call (see selective_scan/custom_ops.py).
 @torch.library.custom_op("mmpretrain::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
-                      reverse: bool) -> torch.Tensor:
+                      reverse: bool, source_key: int) -> torch.Tensor:
+    """``source_key``: :data:`.._runtime.OPS_SOURCE_KEY` (unused here; it keys compiled graphs to the ops' code)."""
     with on_device(x):
         return _conv_forward(x, weight.contiguous(), bias, silu, reverse)
 
 
 @causal_conv1d_fwd.register_fake
-def _(x, weight, bias, silu, reverse):
+def _(x, weight, bias, silu, reverse, source_key):
     return _empty_channels_last(*x.shape, x)
 
 
@@ -395,7 +396,7 @@ def _grad_or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tenso
 
 @torch.library.custom_op("mmpretrain::causal_conv1d_bwd", mutates_args=())
 def causal_conv1d_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      silu: bool, reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      silu: bool, reverse: bool, source_key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)``; dbias is empty without a bias."""
     with on_device(x):
         dx, dw, db = _conv_backward(dout, x, weight.contiguous(), bias, silu, reverse)
@@ -407,20 +408,20 @@ def _fake_weight_grads(x, weight, bias):
 
 
 @causal_conv1d_bwd.register_fake
-def _(dout, x, weight, bias, silu, reverse):
+def _(dout, x, weight, bias, silu, reverse, source_key):
     return _empty_channels_last(*x.shape, x), *_fake_weight_grads(x, weight, bias)
 
 
 def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, silu, reverse = inputs
+    x, weight, bias, silu, reverse, source_key = inputs
     ctx.save_for_backward(x, weight, bias)
-    ctx.flags = (silu, reverse)
+    ctx.flags = (silu, reverse, source_key)
 
 
 def _conv_backward_rule(ctx, dout):
     x, weight, bias = ctx.saved_tensors
     dx, dw, db = causal_conv1d_bwd(dout, x, weight, bias, *ctx.flags)
-    return dx, dw, (db if bias is not None else None), None, None
+    return dx, dw, (db if bias is not None else None), None, None, None
 
 
 causal_conv1d_fwd.register_autograd(_conv_backward_rule, setup_context=_conv_setup_context)
@@ -428,20 +429,21 @@ causal_conv1d_fwd.register_autograd(_conv_backward_rule, setup_context=_conv_set
 
 @torch.library.custom_op("mmpretrain::causal_conv1d_bidir_fwd", mutates_args=())
 def causal_conv1d_bidir_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight2: torch.Tensor,
-                            bias2: torch.Tensor | None, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                            bias2: torch.Tensor | None, silu: bool, source_key: int) -> tuple[torch.Tensor, torch.Tensor]:
     with on_device(x):
         return _conv_forward(x, weight.contiguous(), bias, silu, False, weight2.contiguous(), bias2)
 
 
 @causal_conv1d_bidir_fwd.register_fake
-def _(x, weight, bias, weight2, bias2, silu):
+def _(x, weight, bias, weight2, bias2, silu, source_key):
     return _empty_channels_last(*x.shape, x), _empty_channels_last(*x.shape, x)
 
 
 @torch.library.custom_op("mmpretrain::causal_conv1d_bidir_bwd", mutates_args=())
 def causal_conv1d_bidir_bwd(dout: torch.Tensor, dout2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                             bias: torch.Tensor | None, weight2: torch.Tensor, bias2: torch.Tensor | None,
-                            silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                            silu: bool, source_key: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias, dweight2, dbias2)``; a bias's gradient is empty without it."""
     with on_device(x):
         dx, dw, db, dw2, db2 = _conv_backward_both(dout, dout2, x, weight.contiguous(), bias, weight2.contiguous(),
@@ -450,15 +452,15 @@ def causal_conv1d_bidir_bwd(dout: torch.Tensor, dout2: torch.Tensor, x: torch.Te
 
 
 @causal_conv1d_bidir_bwd.register_fake
-def _(dout, dout2, x, weight, bias, weight2, bias2, silu):
+def _(dout, dout2, x, weight, bias, weight2, bias2, silu, source_key):
     return _empty_channels_last(*x.shape, x), *_fake_weight_grads(x, weight, bias), *_fake_weight_grads(x, weight2,
                                                                                                            bias2)
 
 
 def _bidir_setup_context(ctx, inputs, output):
-    x, weight, bias, weight2, bias2, silu = inputs
+    x, weight, bias, weight2, bias2, silu, source_key = inputs
     ctx.save_for_backward(x, weight, bias, weight2, bias2)
-    ctx.silu = silu
+    ctx.flags = (silu, source_key)
 
 
 def _bidir_backward_rule(ctx, dout, dout2):
@@ -467,8 +469,8 @@ def _bidir_backward_rule(ctx, dout, dout2):
         dout = torch.zeros_like(dout2)
     if dout2 is None:
         dout2 = torch.zeros_like(dout)
-    dx, dw, db, dw2, db2 = causal_conv1d_bidir_bwd(dout, dout2, x, weight, bias, weight2, bias2, ctx.silu)
-    return dx, dw, (db if bias is not None else None), dw2, (db2 if bias2 is not None else None), None
+    dx, dw, db, dw2, db2 = causal_conv1d_bidir_bwd(dout, dout2, x, weight, bias, weight2, bias2, *ctx.flags)
+    return dx, dw, (db if bias is not None else None), dw2, (db2 if bias2 is not None else None), None, None
 
 
 causal_conv1d_bidir_fwd.register_autograd(_bidir_backward_rule, setup_context=_bidir_setup_context)
@@ -485,7 +487,7 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     The output is (batch, dim, L), channels-contiguous in memory. Under ``torch.compile``: the custom ops."""
     _check_activation(activation)
     if torch.compiler.is_compiling():
-        return causal_conv1d_fwd(x, weight, bias, activation == "silu", bool(reverse))
+        return causal_conv1d_fwd(x, weight, bias, activation == "silu", bool(reverse), OPS_SOURCE_KEY)
     return CausalConv1dTriton.apply(x, weight, bias, activation == "silu", bool(reverse))
 
 
@@ -499,5 +501,5 @@ def causal_conv1d_bidirectional_triton(x: torch.Tensor, weight: torch.Tensor, bi
     if (bias is None) != (bias_b is None):
         raise ValueError("causal_conv1d_bidirectional: give both biases or neither (bias and bias_b)")
     if torch.compiler.is_compiling():
-        return causal_conv1d_bidir_fwd(x, weight, bias, weight_b, bias_b, activation == "silu")
+        return causal_conv1d_bidir_fwd(x, weight, bias, weight_b, bias_b, activation == "silu", OPS_SOURCE_KEY)
     return CausalConv1dBidirTriton.apply(x, weight, bias, weight_b, bias_b, activation == "silu")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._runtime import on_device
+from .._runtime import OPS_SOURCE_KEY, on_device
 from .triton_kernels import (
     TritonConfig,
     _accumulator_sizes,
@@ -39,9 +39,11 @@ from .triton_kernels import (
 @torch.library.custom_op("mmpretrain::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                        z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, reverse: bool,
-                       config: list[int], out_add: Tensor | None, out_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                       config: list[int], out_add: Tensor | None, out_scale: float,
+                       source_key: int) -> tuple[Tensor, Tensor, Tensor]:
     """Forward kernels: A_t is A transposed, (N, dim) contiguous; B, C (batch, groups, N, L); ``config`` from
-    :meth:`TritonConfig.to_ints`; the output is ``out_scale`` times the scan plus ``out_add``."""
+    :meth:`TritonConfig.to_ints`; the output is ``out_scale`` times the scan plus ``out_add``. ``source_key``:
+    :data:`.._runtime.OPS_SOURCE_KEY` (unused here; it keys compiled graphs to the ops' code)."""
     cfg = TritonConfig.from_ints(tuple(config))
     with on_device(u):
         out, ckpt, dts = _forward(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, cfg, out_add,
@@ -50,7 +52,7 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, C: Tens
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config, out_add, out_scale):
+def _(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config, out_add, out_scale, source_key):
     batch, dim, L = u.shape
     N = A_t.shape[0]
     ct = _compute_dtype(u)
@@ -63,8 +65,8 @@ def _(u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config, ou
 @torch.library.custom_op("mmpretrain::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor,
                        C: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, ckpt: Tensor,
-                       dts: Tensor, delta_softplus: bool, reverse: bool, config: list[int], out_scale: float
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       dts: Tensor, delta_softplus: bool, reverse: bool, config: list[int], out_scale: float,
+                       source_key: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward kernels: ``(du, ddelta, dz, acc)``, dz empty without z; ``acc`` is the flat float32 (float64)
     buffer of the gradients summed by atomic adds (dB, dC, dA_t, dD, d(delta_bias); ``accumulated_gradients`` views
     it), so that their casts happen in the traced graph, where Inductor fuses them into their readers. ``dlast``:
@@ -77,7 +79,8 @@ def selective_scan_bwd(dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Ten
 
 
 @selective_scan_bwd.register_fake
-def _(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, delta_softplus, reverse, config, out_scale):
+def _(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, delta_softplus, reverse, config, out_scale,
+      source_key):
     batch, dim, L = u.shape
     N, groups = A_t.shape[0], B.shape[1]
     n_acc = sum(_accumulator_sizes(batch, groups, L, N, dim, D is not None, delta_bias is not None))
@@ -90,24 +93,24 @@ def _(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, delta_softp
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config, out_add, out_scale = inputs
+    u, delta, A_t, B, C, D, z, delta_bias, delta_softplus, reverse, config, out_add, out_scale, source_key = inputs
     _, ckpt, dts = output
     ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts)
-    ctx.flags = (delta_softplus, reverse, config, out_scale, out_add is not None)
+    ctx.flags = (delta_softplus, reverse, config, out_scale, out_add is not None, source_key)
     ctx.set_materialize_grads(False)
 
 
 def _backward_rule(ctx, dout, dckpt, _ddts):
     u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts = ctx.saved_tensors
-    softplus, reverse, config, out_scale, has_add = ctx.flags
+    softplus, reverse, config, out_scale, has_add, source_key = ctx.flags
     dadd = dout if has_add else None  # out_add's gradient is the output's
     if dout is None:
         dout = torch.zeros_like(u)
     dlast = dckpt[:, -1].contiguous() if dckpt is not None else None  # only the final state is read outside
     du, ddelta, dz, acc = selective_scan_bwd(dout, dlast, u, delta, A_t, B, C, D, z, delta_bias, ckpt, dts, softplus,
-                                             reverse, config, out_scale)
+                                             reverse, config, out_scale, source_key)
     dA_t, dB, dC, dD, dbias = accumulated_gradients(acc, u, A_t, B, C, D, delta_bias)
-    return (du, ddelta, dA_t, dB, dC, dD, dz if z is not None else None, dbias, None, None, None, dadd, None)
+    return (du, ddelta, dA_t, dB, dC, dD, dz if z is not None else None, dbias, None, None, None, dadd, None, None)
 
 
 selective_scan_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -119,5 +122,5 @@ def selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus:
     them)."""
     # A transposed in the traced graph: autograd keeps it for the backward op and transposes dA_t back
     out, ckpt, _ = selective_scan_fwd(u, delta, A.t().contiguous(), B, C, D, z, delta_bias, bool(delta_softplus),
-                                      bool(reverse), cfg.to_ints(), out_add, float(out_scale))
+                                      bool(reverse), cfg.to_ints(), out_add, float(out_scale), OPS_SOURCE_KEY)
     return out, (ckpt[:, -1].transpose(1, 2).contiguous() if with_last else None)
