@@ -13,8 +13,10 @@ Workloads are ``train@SIZExBATCH`` or ``infer@SIZExBATCH``; the defaults are tra
 our scan and convolution kernels enter the graph as custom ops), ``+graphs`` (``torch.compile`` with
 ``mode="reduce-overhead"``: CUDA graphs), ``+autotune`` (``torch.compile`` autotuning its matrix products:
 ``mode="max-autotune"``, CUDA graphs included, with ``+graphs``; ``"max-autotune-no-cudagraphs"``, as the DeiT
-recipes compile, without) and ``+fused`` (training: AdamW's single fused kernel, ``fused=True``, as our recipes
-run it, instead of PyTorch's default multi-tensor ``foreach`` implementation). The default compares vim_tiny,
+recipes compile, without), ``+fused`` (training: AdamW's single fused kernel, ``fused=True``, as our recipes
+run it, instead of PyTorch's default multi-tensor ``foreach`` implementation) and ``+freescan`` (Vim only: each
+selective scan replaced by an elementwise stand-in that reads the scan's inputs and writes its output once, with
+gradients for all of them; the step then costs everything but the scan, which no scan kernel can beat). The default compares vim_tiny,
 vim_tiny+ckpt, deit_tiny_patch16_224 (eager: the issue's anchor) and deit_tiny_patch16_224+graphs (DeiT-Ti at
 its fastest: eager it is host-bound at 224, and graphs train it 2.1x faster on an H200).
 
@@ -26,11 +28,23 @@ step over its time and the bf16 dense peak. FLOPs are counted with FlopCounterMo
 9 * batch * d_inner * L * d_state per layer and direction forward (mamba_ssm's count), three times that for
 a training step. Prints a table with each model's ratio to the first model that is not ours (DeiT-Ti) and
 writes JSON.
+
+``--bound`` also prints, for each ``+freescan`` row, an upper bound on any Vim step with the same model code
+around its scans: the free-scan step, less the stand-in's own kernel time (profiled alone, compiled, at the same
+shapes: inside the step Inductor may fuse it with its neighbours, so this subtracts at least what it costs
+there), plus
+the scans' exponentials at the GPU's measured rate (benchmarks/exp_rate.py): one per channel, state and step
+forward; training adds one for the backward, which must recompute the decays to keep O(batch * dim * L) memory,
+and one more with ``+ckpt``, whose blocks run their forward twice. A scan cannot take less than its
+exponentials, and the rest of the step is measured, so no scan kernel makes this model faster than the bound.
+
+    python benchmarks/vim.py --bound --models vim_tiny+graphs+freescan deit_tiny_patch16_224 --workloads infer@1248x16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -45,6 +59,7 @@ from timing import peak_flops, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmpretrain.models  # noqa: F401  (registers vim_* with timm)
+import mmpretrain.models.mamba as mamba_module
 from mmpretrain.models.mamba import BiMambaMixer
 
 DEFAULT_WORKLOADS = ["train@224x256", "infer@224x256", "train@1248x16", "infer@1248x16"]
@@ -67,17 +82,42 @@ def parse_workload(spec: str) -> tuple[str, int, int]:
 
 def parse_model(spec: str) -> tuple[str, set[str]]:
     name, *flags = spec.split("+")
-    unknown = set(flags) - {"ckpt", "compile", "graphs", "autotune", "fused"}
+    unknown = set(flags) - {"ckpt", "compile", "graphs", "autotune", "fused", "freescan"}
     if unknown:
         raise SystemExit(f"--models: {spec!r}: unknown option(s) {sorted(unknown)}; use +ckpt, +compile, +graphs, "
-                         "+autotune or +fused")
+                         "+autotune, +fused or +freescan")
     if name not in timm.list_models():
         raise SystemExit(f"--models: {name!r} is not a timm model name")
+    if "freescan" in flags and not name.startswith("vim"):
+        raise SystemExit(f"--models: {spec!r}: +freescan replaces Vim's selective scan; {name} has none")
     return name, set(flags)
 
 
 def build(name: str, size: int, num_classes: int, extra: dict[str, Any]) -> torch.nn.Module:
     return timm.create_model(name, img_size=size, num_classes=num_classes, **extra)
+
+
+def free_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, out_scale=1.0,
+              out_add=None, **_):
+    """The ``+freescan`` stand-in for ``selective_scan`` (the arguments the mixer passes): elementwise in u's dtype,
+    reading each input once and writing u's shape once, with a gradient for every input."""
+    dtype = u.dtype
+    s = (B.sum(1, keepdim=True) + C.sum(1, keepdim=True)).to(dtype) + A.sum().to(dtype)
+    if delta_bias is not None:
+        s = s + delta_bias.to(dtype)[:, None]
+    if D is not None:
+        s = s + D.to(dtype)[:, None]
+    y = u * (delta + s)
+    if z is not None:
+        y = y * z
+    y = y * out_scale
+    return y + out_add if out_add is not None else y
+
+
+def scan_state_steps(model: torch.nn.Module, batch: int) -> int:
+    """(channel, state, step) triples the selective scans of one forward pass walk: each takes an exponential."""
+    L = getattr(getattr(model, "patch_embed", None), "num_patches", 0) + 1
+    return sum(2 * batch * m.d_inner * L * m.d_state for m in model.modules() if isinstance(m, BiMambaMixer))
 
 
 def scan_flops(model: torch.nn.Module, batch: int) -> int:
@@ -144,6 +184,24 @@ def bench_model(spec: str, mode: str, size: int, batch: int, steps: int, warmup:
     """One model on one workload: a plain loop, bf16 autocast on CUDA (float32 on CPU); with ``profile``, the
     top kernels of the step too (:func:`profile_steps`)."""
     name, flags = parse_model(spec)
+    with contextlib.ExitStack() as stack:
+        if "freescan" in flags:
+            stack.enter_context(_patched(mamba_module, "selective_scan", free_scan))
+        return _bench_model(name, flags, mode, size, batch, steps, warmup, num_classes, device, extra, profile)
+
+
+@contextlib.contextmanager
+def _patched(module, attr: str, value):
+    old = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, old)
+
+
+def _bench_model(name: str, flags: set[str], mode: str, size: int, batch: int, steps: int, warmup: int,
+                 num_classes: int, device: torch.device, extra: dict[str, Any], profile: int) -> dict[str, Any]:
     model = build(name, size, num_classes, extra).to(device)
     if "ckpt" in flags:
         model.set_grad_checkpointing(True)
@@ -189,6 +247,67 @@ def bench_model(spec: str, mode: str, size: int, batch: int, steps: int, warmup:
     return out
 
 
+def standin_seconds(mixer: BiMambaMixer, batch: int, L: int, train: bool, iters: int = 10) -> float:
+    """Kernel seconds (profiled: no host time) of one :func:`free_scan` call at a mixer's shapes (bf16,
+    channels-contiguous as the mixer passes them, with the output epilogue), compiled; with ``train`` its backward
+    too."""
+    E, N, dev = mixer.d_inner, mixer.d_state, "cuda"
+
+    def cl(channels):  # (batch, channels, L) views of (batch, L, channels) tensors
+        return torch.randn(batch, L, channels, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+
+    inputs = [cl(E), cl(E), -torch.rand(E, N, device=dev) - 0.5, cl(N), cl(N), torch.ones(E, device=dev), cl(E),
+              torch.zeros(E, device=dev), cl(E)]
+    for t in inputs:
+        t.requires_grad_(train)
+
+    def scan(u, delta, A, B, C, D, z, bias, add):
+        return free_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, out_scale=0.5,
+                         out_add=add)
+
+    fn = torch.compile(scan)
+    gout = cl(E)
+
+    def step():
+        with torch.inference_mode(not train):
+            y = fn(*inputs)
+            if train:
+                torch.autograd.grad(y, inputs, gout)
+
+    for _ in range(3):
+        step()
+    return profile_steps(step, iters, top=1)["gpu_ms"] / 1e3
+
+
+def print_bounds(rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+    """For each ``+freescan`` row, the bound of the module docstring as samples/s and as a ratio to the workload's
+    anchor (adds ``exp2_per_s``, ``standin_ms``, ``scan_exp_ms`` and ``bound_samples_per_s`` to the row)."""
+    from exp_rate import exp2_per_second
+
+    rate = exp2_per_second()
+    print(f"\nexponentials: {rate / 1e12:.2f}e12 per second (tl.exp2, benchmarks/exp_rate.py)")
+    print(f"{'workload':16} {'model':34} {'free-scan ms':>12} {'stand-in ms':>11} {'exp ms':>8} {'bound/s':>10} "
+          f"{'x anchor':>9}")
+    for r in rows:
+        if "freescan" not in r["model"] or "step_s" not in r:
+            continue
+        name, flags = parse_model(r["model"])
+        with torch.device("meta"):
+            model = build(name, r["image_size"], 1000, extra)
+        mixers = [m for m in model.modules() if isinstance(m, BiMambaMixer)]
+        L = model.patch_embed.num_patches + 1
+        train = r["mode"] == "train"
+        standin_s = 2 * len(mixers) * standin_seconds(mixers[0], r["batch"], L, train)
+        exp_s = scan_state_steps(model, r["batch"]) * (3 if "ckpt" in flags else 2 if train else 1) / rate
+        bound = r["batch"] / (r["step_s"] - standin_s + exp_s)
+        anchor = next((b for b in rows if b["workload"] == r["workload"] and b["how"] == "loop"
+                       and not b["model"].startswith("vim") and "step_s" in b), None)
+        ratio = bound / anchor["samples_per_s"] if anchor else math.nan
+        r.update(exp2_per_s=rate, standin_ms=standin_s * 1e3, scan_exp_ms=exp_s * 1e3, bound_samples_per_s=bound)
+        print(f"{r['workload']:16} {r['model']:34} {r['step_s'] * 1e3:12.2f} {standin_s * 1e3:11.2f} "
+              f"{exp_s * 1e3:8.2f} {bound:10.1f} {ratio:8.2f}x")
+
+
 def bench_task(name: str, batch: int, steps: int, warmup: int, num_classes: int) -> dict[str, Any]:
     """Our ImageClassification task through Lightning's Trainer at 224 (benchmarks/classification.py)."""
     from classification import bench_ours
@@ -207,6 +326,9 @@ def main() -> None:
                         help="also time our ImageClassification task (Lightning, bf16-mixed, fused AdamW) on "
                              "train@224 workloads, for each model without options")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes (depth 2, 64 px, batch 2, 2 steps)")
+    parser.add_argument("--bound", action="store_true",
+                        help="measure the GPU's exponential rate and print, for each +freescan row, the fastest a "
+                             "Vim step could be (see the module docstring)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="also profile 3 steps of each loop run: GPU time per step, kernel launches, and the TOP "
@@ -267,6 +389,8 @@ def main() -> None:
         mem = r["peak_gib"] / anchor["peak_gib"] if anchor and anchor["peak_gib"] else math.nan
         print(f"{r['workload']:16} {r['model']:28} {r['how']:5} {r['samples_per_s']:10.1f} {100 * r['mfu']:6.1f}% "
               f"{r['peak_gib']:9.2f} {speed:8.2f}x {mem:5.2f}x")
+    if args.bound and device.type == "cuda":
+        print_bounds(rows, extra)
     for r in rows:
         if "profile" in r:
             prof = r["profile"]
