@@ -16,7 +16,7 @@ our scan and convolution kernels enter the graph as custom ops), ``+graphs`` (``
 recipes compile, without), ``+fused`` (training: AdamW's single fused kernel, ``fused=True``, as our recipes
 run it, instead of PyTorch's default multi-tensor ``foreach`` implementation) and ``+freescan`` (Vim only: each
 selective scan replaced by an elementwise stand-in that reads the scan's inputs and writes its output once, with
-gradients for all of them; the step then costs everything but the scan, which no scan kernel can beat). The default compares vim_tiny,
+gradients for all of them; the step then costs everything but the scan). The default compares vim_tiny,
 vim_tiny+ckpt, deit_tiny_patch16_224 (eager: the issue's anchor) and deit_tiny_patch16_224+graphs (DeiT-Ti at
 its fastest: eager it is host-bound at 224, and graphs train it 2.1x faster on an H200).
 
@@ -32,8 +32,7 @@ writes JSON.
 ``--bound`` also prints, for each ``+freescan`` row, an upper bound on any Vim step with the same model code
 around its scans: the free-scan step, less the stand-in's own kernel time (profiled alone, compiled, at the same
 shapes: inside the step Inductor may fuse it with its neighbours, so this subtracts at least what it costs
-there), plus
-the scans' exponentials at the GPU's measured rate (benchmarks/exp_rate.py): one per channel, state and step
+there), plus the scans' exponentials at the GPU's measured rate (benchmarks/exp_rate.py): one per channel, state and step
 forward; training adds one for the backward, which must recompute the decays to keep O(batch * dim * L) memory,
 and one more with ``+ckpt``, whose blocks run their forward twice. A scan cannot take less than its
 exponentials, and the rest of the step is measured, so no scan kernel makes this model faster than the bound.
@@ -51,6 +50,7 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import timm
 import torch
@@ -121,13 +121,8 @@ def scan_state_steps(model: torch.nn.Module, batch: int) -> int:
 
 
 def scan_flops(model: torch.nn.Module, batch: int) -> int:
-    """Forward FLOPs of the selective scans (not seen by FlopCounterMode): 9 * batch * d_inner * L * N per direction."""
-    L = getattr(getattr(model, "patch_embed", None), "num_patches", 0) + 1
-    total = 0
-    for m in model.modules():
-        if isinstance(m, BiMambaMixer):
-            total += 2 * 9 * batch * m.d_inner * L * m.d_state
-    return total
+    """Forward FLOPs of the selective scans (not seen by FlopCounterMode): 9 per state-step (mamba_ssm's count)."""
+    return 9 * scan_state_steps(model, batch)
 
 
 def count_flops(name: str, size: int, batch: int, num_classes: int, train: bool, extra: dict[str, Any]) -> int:
@@ -184,20 +179,9 @@ def bench_model(spec: str, mode: str, size: int, batch: int, steps: int, warmup:
     """One model on one workload: a plain loop, bf16 autocast on CUDA (float32 on CPU); with ``profile``, the
     top kernels of the step too (:func:`profile_steps`)."""
     name, flags = parse_model(spec)
-    with contextlib.ExitStack() as stack:
-        if "freescan" in flags:
-            stack.enter_context(_patched(mamba_module, "selective_scan", free_scan))
+    stand_in = mock.patch.object(mamba_module, "selective_scan", free_scan)
+    with stand_in if "freescan" in flags else contextlib.nullcontext():
         return _bench_model(name, flags, mode, size, batch, steps, warmup, num_classes, device, extra, profile)
-
-
-@contextlib.contextmanager
-def _patched(module, attr: str, value):
-    old = getattr(module, attr)
-    setattr(module, attr, value)
-    try:
-        yield
-    finally:
-        setattr(module, attr, old)
 
 
 def _bench_model(name: str, flags: set[str], mode: str, size: int, batch: int, steps: int, warmup: int,
@@ -279,6 +263,12 @@ def standin_seconds(mixer: BiMambaMixer, batch: int, L: int, train: bool, iters:
     return profile_steps(step, iters, top=1)["gpu_ms"] / 1e3
 
 
+def anchor_of(rows: list[dict[str, Any]], workload: str) -> dict[str, Any] | None:
+    """The workload's first timed loop row of a model that is not ours (DeiT-Ti), or None."""
+    return next((b for b in rows if b["workload"] == workload and b["how"] == "loop"
+                 and not b["model"].startswith("vim") and "step_s" in b), None)
+
+
 def print_bounds(rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     """For each ``+freescan`` row, the bound of the module docstring as samples/s and as a ratio to the workload's
     anchor (adds ``exp2_per_s``, ``standin_ms``, ``scan_exp_ms`` and ``bound_samples_per_s`` to the row)."""
@@ -300,8 +290,7 @@ def print_bounds(rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
         standin_s = 2 * len(mixers) * standin_seconds(mixers[0], r["batch"], L, train)
         exp_s = scan_state_steps(model, r["batch"]) * (3 if "ckpt" in flags else 2 if train else 1) / rate
         bound = r["batch"] / (r["step_s"] - standin_s + exp_s)
-        anchor = next((b for b in rows if b["workload"] == r["workload"] and b["how"] == "loop"
-                       and not b["model"].startswith("vim") and "step_s" in b), None)
+        anchor = anchor_of(rows, r["workload"])
         ratio = bound / anchor["samples_per_s"] if anchor else math.nan
         r.update(exp2_per_s=rate, standin_ms=standin_s * 1e3, scan_exp_ms=exp_s * 1e3, bound_samples_per_s=bound)
         print(f"{r['workload']:16} {r['model']:34} {r['step_s'] * 1e3:12.2f} {standin_s * 1e3:11.2f} "
@@ -380,8 +369,7 @@ def main() -> None:
     print(f"\n{'workload':16} {'model':28} {'how':5} {'samples/s':>10} {'MFU':>7} {'peak GiB':>9} "
           f"{'x anchor':>9} {'mem x':>6}")
     for r in rows:
-        anchor = next((b for b in rows if b["workload"] == r["workload"] and b["how"] == "loop"
-                       and not b["model"].startswith("vim") and "step_s" in b), None)
+        anchor = anchor_of(rows, r["workload"])
         if "step_s" not in r:
             print(f"{r['workload']:16} {r['model']:28} {r['how']:5} {r['error']:>10}")
             continue
